@@ -1,0 +1,89 @@
+"""Exact size in bytes of a quantized model, average bits and BOPs.
+
+Sizes are tabulated once per (decision, choice) so a candidate's size is a sum of
+table entries: strategies can check budgets without evaluating anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .quantize import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, n_groups
+from .space import LayerSpec, SearchSpace
+
+MB = 1_000_000
+
+
+def layer_bytes(layer: LayerSpec, bits: int, cfg: QuantizerConfig) -> int:
+    """Packed integer weights (one contiguous bit-stream per tensor) plus their scales and zero-points."""
+    n = layer.n_params
+    if bits >= UNQUANTIZED_BITS:
+        return n * layer.element_size
+    if bits == FLOAT16_BITS:
+        return n * 2
+    groups = n_groups(layer.shape, cfg)
+    total = -(-n * bits // 8) + -(-groups * cfg.scale_bits // 8)
+    if cfg.scheme == "asymmetric":
+        total += -(-groups * cfg.zero_point_bits // 8)
+    return total
+
+
+@dataclass(frozen=True)
+class Size:
+    size_bytes: int
+    avg_bits: float
+    compression_ratio: float
+
+
+class SizeModel:
+    def __init__(self, space: SearchSpace, macs: dict[str, int] | None = None, activation_bits: int = 32):
+        self.space = space
+        cfg = space.quantizer
+        self.full_precision_bytes = sum(n * es for n, es in space.tensors.values())
+        weights = {l.weight_name for l in space.layers.values()}
+        # Everything that is not a searched or pinned weight ships unchanged.
+        self.unquantized_bytes = sum(n * es for name, (n, es) in space.tensors.items() if name not in weights)
+        self.unquantized_tensors = sorted(name for name in space.tensors if name not in weights)
+        self.fixed_bytes = self.unquantized_bytes
+        self.fixed_bits = 0  # quantized-weight bits of pinned layers
+        self.fixed_count = 0
+        for name, b in space.pinned.items():
+            layer = space.layers[name]
+            self.fixed_bytes += layer_bytes(layer, b, cfg)
+            if b < UNQUANTIZED_BITS:
+                self.fixed_bits += layer.n_params * b
+                self.fixed_count += layer.n_params
+        self.table = [np.array([sum(layer_bytes(space.layers[n], b, cfg) for n in d.layers) for b in d.choices], dtype=np.int64)
+                      for d in space.decisions]
+        self.counts = np.array([sum(space.layers[n].n_params for n in d.layers) for d in space.decisions], dtype=np.int64)
+        self.macs = dict(macs or {})
+        self.activation_bits = activation_bits
+
+    def size_bytes(self, candidate: Sequence[int]) -> int:
+        idx = self.space.encode(candidate)
+        return int(self.fixed_bytes + sum(int(t[i]) for t, i in zip(self.table, idx)))
+
+    def avg_bits(self, candidate: Sequence[int]) -> float:
+        bits, count = self.fixed_bits, self.fixed_count
+        for b, n in zip(candidate, self.counts):
+            if b < UNQUANTIZED_BITS:
+                bits += int(n) * int(b)
+                count += int(n)
+        return bits / count if count else float(UNQUANTIZED_BITS)
+
+    def size(self, candidate: Sequence[int]) -> Size:
+        s = self.size_bytes(candidate)
+        return Size(s, self.avg_bits(candidate), self.full_precision_bytes / s)
+
+    def bops(self, candidate: Sequence[int]) -> int:
+        """Bit operations per sample: MACs x weight bits x activation bits (activations stay float)."""
+        bits = self.space.layer_bits(candidate)
+        return int(sum(self.macs.get(n, 0) * b * self.activation_bits for n, b in bits.items()))
+
+    def min_size_bytes(self) -> int:
+        return int(self.fixed_bytes + sum(int(t.min()) for t in self.table))
+
+    def min_avg_bits(self) -> float:
+        return self.avg_bits(self.space.lowest())

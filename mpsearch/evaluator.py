@@ -1,0 +1,192 @@
+"""The evaluator: one forward pass per new candidate, everything else cached.
+
+Quantized weights are computed once per (layer, bits), lazily, and swapped into the
+model by replacing ``param.data`` (no copy), only for layers whose bits change.
+Scores are memoized by candidate, so a strategy that asks again pays nothing and a
+shared evaluator makes every strategy pay the same price per evaluation.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .cost import SizeModel
+from .metrics import Metric, get_metric
+from .quantize import UNQUANTIZED_BITS, mse, quantize_weight, sqnr_db
+from .space import Candidate, SearchSpace
+from .task import Task
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    candidate: Candidate
+    size_bytes: int
+    avg_bits: float
+    metric: float
+    wall_s: float  # what computing it cost, even when it came from the memo
+    cached: bool = False
+
+
+def _call(model: torch.nn.Module, inputs: Any):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _concat(parts: list) -> Any:
+    return torch.cat(parts, dim=0) if parts and isinstance(parts[0], torch.Tensor) else parts
+
+
+class Evaluator:
+    def __init__(self, task: Task, space: SearchSpace, activation_bits: int = 32):
+        task.check()
+        self.task = task
+        self.space = space
+        self.model = task.model.eval()
+        self.metric: Metric = get_metric(task.metric, task.has_targets)
+        self.calibration = list(task.calibration)
+        self.validation = list(task.validation)
+        named = dict(self.model.named_modules(remove_duplicate=False))
+        self._params = {n: named[n].weight for n in space.layers}
+        self._original = {n: p.data for n, p in self._params.items()}
+        self._current = {n: UNQUANTIZED_BITS for n in space.layers}
+        self._qcache: dict[tuple[str, int], torch.Tensor] = {}
+        self._memo: dict[tuple[str, Candidate], Evaluation] = {}
+        self.n_forward = 0  # forward passes over a split, for tests and benchmarks
+        macs = self._count_macs()
+        self.size_model = SizeModel(space, macs=macs, activation_bits=activation_bits)
+        self._targets = {
+            "calibration": self._targets_of(self.calibration),
+            "validation": self._targets_of(self.validation),
+        }
+        self.reference_outputs = {"calibration": self._forward(self.calibration), "validation": self._forward(self.validation)}
+        if not self.metric.uses_targets:
+            self._targets = dict(self.reference_outputs)
+        self.reference_metric = self._score("calibration", self.reference_outputs["calibration"])
+        self.reference_validation_metric = self._score("validation", self.reference_outputs["validation"])
+
+    # ---- forward passes -----------------------------------------------------------------
+    @staticmethod
+    def _targets_of(batches: list):
+        ts = [b[1] for b in batches]
+        return None if ts[0] is None else _concat(list(ts))
+
+    def _output(self, out: Any):
+        if self.task.output_fn is not None:
+            return self.task.output_fn(out)
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        return out
+
+    def _forward(self, batches: list):
+        with torch.inference_mode():
+            outs = [self._output(_call(self.model, x)) for x, _ in batches]
+        self.n_forward += 1
+        return _concat(outs)
+
+    def _score(self, split: str, outputs) -> float:
+        with torch.inference_mode():
+            return float(self.metric(outputs, self._targets[split]))
+
+    def _count_macs(self) -> dict[str, int]:
+        """Multiply-accumulates per sample of each Linear/Conv layer, from one calibration batch."""
+        counts: dict[str, int] = {}
+        hooks = []
+        named = dict(self.model.named_modules())
+        for name in self.space.layers:
+            mod = named.get(name)
+            if isinstance(mod, torch.nn.Linear):
+                per_out = mod.in_features
+            elif isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                per_out = (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
+            else:
+                continue
+
+            def hook(m, inp, out, name=name, per_out=per_out):
+                counts[name] = counts.get(name, 0) + out.numel() * per_out
+
+            hooks.append(mod.register_forward_hook(hook))
+        try:
+            x = self.calibration[0][0]
+            with torch.inference_mode():
+                out = self._output(_call(self.model, x))
+            n = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() > 0 else 1
+        finally:
+            for h in hooks:
+                h.remove()
+        return {k: v // max(n, 1) for k, v in counts.items()}
+
+    # ---- weights --------------------------------------------------------------------------
+    def quantized_weight(self, layer: str, bits: int) -> torch.Tensor:
+        if bits >= UNQUANTIZED_BITS:
+            return self._original[layer]
+        key = (layer, bits)
+        q = self._qcache.get(key)
+        if q is None:
+            with torch.no_grad():
+                q = quantize_weight(self._original[layer], bits, self.space.quantizer)
+            self._qcache[key] = q
+        return q
+
+    def layer_error(self, layer: str, bits: int) -> dict[str, float]:
+        w, q = self._original[layer], self.quantized_weight(layer, bits)
+        return {"mse": mse(w, q), "sqnr_db": sqnr_db(w, q)}
+
+    def apply(self, candidate: Sequence[int]) -> None:
+        """Put the candidate's weights in the model, touching only layers whose bits change."""
+        for layer, bits in self.space.layer_bits(candidate).items():
+            if self._current[layer] != bits:
+                self._params[layer].data = self.quantized_weight(layer, bits)
+                self._current[layer] = bits
+
+    def restore(self) -> None:
+        for layer, p in self._params.items():
+            if self._current[layer] != UNQUANTIZED_BITS:
+                p.data = self._original[layer]
+                self._current[layer] = UNQUANTIZED_BITS
+
+    def warm_cache(self) -> None:
+        """Quantize every (layer, bits) of the space now instead of lazily."""
+        for d in self.space.decisions:
+            for n in d.layers:
+                for b in d.choices:
+                    self.quantized_weight(n, b)
+        for n, b in self.space.pinned.items():
+            self.quantized_weight(n, b)
+
+    # ---- scoring ---------------------------------------------------------------------------
+    def evaluate(self, candidate: Sequence[int], split: str = "calibration") -> Evaluation:
+        cand = self.space.validate(candidate)
+        key = (split, cand)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return Evaluation(hit.candidate, hit.size_bytes, hit.avg_bits, hit.metric, hit.wall_s, cached=True)
+        t0 = time.perf_counter()
+        self.apply(cand)
+        batches = self.calibration if split == "calibration" else self.validation
+        value = self._score(split, self._forward(batches))
+        wall = time.perf_counter() - t0
+        size = self.size_model.size(cand)
+        ev = Evaluation(cand, size.size_bytes, size.avg_bits, value, wall)
+        self._memo[key] = ev
+        return ev
+
+    def validate(self, candidate: Sequence[int]) -> float:
+        """Quality on the validation split: what a chosen plan is reported with."""
+        return self.evaluate(candidate, split="validation").metric
+
+    def is_memoized(self, candidate: Sequence[int], split: str = "calibration") -> bool:
+        return (split, tuple(int(b) for b in candidate)) in self._memo
+
+    def remember(self, ev: Evaluation, split: str = "calibration") -> None:
+        """Seed the memo with a stored evaluation (resume), so it is never computed again."""
+        self._memo[(split, tuple(ev.candidate))] = ev
+
+    @property
+    def full_precision_bytes(self) -> int:
+        return self.size_model.full_precision_bytes

