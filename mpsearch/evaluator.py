@@ -43,6 +43,8 @@ def _concat(parts: list) -> Any:
 
 
 class Evaluator:
+    """Owns the task's model while it lives: call ``restore()`` before using the model elsewhere."""
+
     def __init__(self, task: Task, space: SearchSpace, activation_bits: int = 32):
         task.check()
         self.task = task
@@ -54,7 +56,6 @@ class Evaluator:
         named = dict(self.model.named_modules(remove_duplicate=False))
         self._params = {n: named[n].weight for n in space.layers}
         self._original = {n: p.data for n, p in self._params.items()}
-        self._current = {n: UNQUANTIZED_BITS for n in space.layers}
         self._qcache: dict[tuple[str, int], torch.Tensor] = {}
         self._memo: dict[tuple[str, Candidate], Evaluation] = {}
         self.n_forward = 0  # forward passes over a split, for tests and benchmarks
@@ -138,17 +139,22 @@ class Evaluator:
         return {"mse": mse(w, q), "sqnr_db": sqnr_db(w, q)}
 
     def apply(self, candidate: Sequence[int]) -> None:
-        """Put the candidate's weights in the model, touching only layers whose bits change."""
+        """Put the candidate's weights in the model, touching only layers that hold other weights.
+
+        The check reads the parameter itself rather than a record of what was applied, so
+        several evaluators (or a user) may share one model safely.
+        """
         for layer, bits in self.space.layer_bits(candidate).items():
-            if self._current[layer] != bits:
-                self._params[layer].data = self.quantized_weight(layer, bits)
-                self._current[layer] = bits
+            self._swap(layer, self.quantized_weight(layer, bits))
 
     def restore(self) -> None:
-        for layer, p in self._params.items():
-            if self._current[layer] != UNQUANTIZED_BITS:
-                p.data = self._original[layer]
-                self._current[layer] = UNQUANTIZED_BITS
+        for layer in self._params:
+            self._swap(layer, self._original[layer])
+
+    def _swap(self, layer: str, weight: torch.Tensor) -> None:
+        p = self._params[layer]
+        if p.data_ptr() != weight.data_ptr():
+            p.data = weight
 
     def warm_cache(self) -> None:
         """Quantize every (layer, bits) of the space now instead of lazily."""

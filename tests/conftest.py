@@ -1,0 +1,69 @@
+"""Shared fixtures: real tasks, loaded once per test session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def digits_task():
+    from mpsearch.models import load_task
+
+    return load_task("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_space(digits_task):
+    from mpsearch.spaces import space_for
+
+    return space_for(digits_task)
+
+
+@pytest.fixture(scope="session")
+def digits_small_space(digits_task):
+    from mpsearch.spaces import space_for
+
+    return space_for(digits_task, "digits_small")
+
+
+@pytest.fixture(scope="session")
+def digits_evaluator(digits_task, digits_space):
+    from mpsearch.evaluator import Evaluator
+
+    return Evaluator(digits_task, digits_space)
+
+
+@pytest.fixture(scope="session")
+def digits_small_evaluator():
+    """Its own copy of the task: an evaluator owns its model's weights while it lives."""
+    from mpsearch.evaluator import Evaluator
+    from mpsearch.models import load_task
+    from mpsearch.spaces import space_for
+
+    task = load_task("digits")
+    return Evaluator(task, space_for(task, "digits_small"))
+
+
+@pytest.fixture(scope="session")
+def minilm_task():
+    from mpsearch.models import load_task
+
+    return load_task("minilm")
+
+
+@pytest.fixture(scope="session")
+def minilm_space(minilm_task):
+    from mpsearch.spaces import space_for
+
+    return space_for(minilm_task)
+
+
+@pytest.fixture(scope="session")
+def minilm_evaluator(minilm_task, minilm_space):
+    from mpsearch.evaluator import Evaluator
+
+    return Evaluator(minilm_task, minilm_space)
