@@ -186,6 +186,11 @@ class Evaluator:
         """Quality on the validation split: what a chosen plan is reported with."""
         return self.evaluate(candidate, split="validation").metric
 
+    def score_model(self, split: str = "validation") -> float:
+        """Quality of the model as it stands now (e.g. after a plan was applied to it)."""
+        batches = self.calibration if split == "calibration" else self.validation
+        return self._score(split, self._forward(batches))
+
     def is_memoized(self, candidate: Sequence[int], split: str = "calibration") -> bool:
         return (split, tuple(int(b) for b in candidate)) in self._memo
 

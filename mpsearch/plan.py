@@ -1,0 +1,242 @@
+"""QuantizationPlan: the per-layer bit-widths a search chose, as versioned plain JSON.
+
+A plan is what users carry to deployment tools, so it is self-describing (quantizer
+settings, every quantized layer, every tensor left alone, predicted size and quality,
+provenance) and refuses to be applied to a model it was not made for.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .quantize import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, quantize_weight
+from .space import SearchSpace, model_fingerprint
+
+PLAN_FORMAT = "mpsearch-plan"
+PLAN_VERSION = 1
+REQUIRED = ("format", "version", "model", "quantizer", "layers", "unquantized", "predicted", "provenance")
+
+
+@dataclass
+class QuantizationPlan:
+    model: dict
+    quantizer: dict
+    layers: dict[str, dict]
+    unquantized: list[str]
+    predicted: dict
+    provenance: dict = field(default_factory=dict)
+
+    # ---- construction ----------------------------------------------------------------
+    @classmethod
+    def from_candidate(cls, space: SearchSpace, evaluator, candidate: Sequence[int], *, provenance: dict | None = None,
+                       validation_metric: float | None = None, sensitivity: dict[str, float] | None = None,
+                       metric: float | None = None) -> "QuantizationPlan":
+        """The plan for ``candidate``; ``metric`` defaults to the evaluator's (memoized) calibration score."""
+        from . import __version__
+
+        size = evaluator.size_model.size(candidate)
+        if metric is None:
+            metric = evaluator.evaluate(candidate).metric
+        layers: dict[str, dict] = {}
+        unquantized = list(evaluator.size_model.unquantized_tensors)
+        for name, bits in space.layer_bits(candidate).items():
+            spec = space.layers[name]
+            if bits >= UNQUANTIZED_BITS:
+                unquantized.append(spec.weight_name)
+                continue
+            entry = {"bits": int(bits), "kind": spec.kind, "shape": list(spec.shape), "n_params": spec.n_params}
+            if space.quantizer.granularity == "per-group" and bits < FLOAT16_BITS:
+                entry["group_size"] = space.quantizer.group_size
+            if spec.aliases:
+                entry["aliases"] = list(spec.aliases)
+            if sensitivity and name in sensitivity:
+                entry["sensitivity"] = float(sensitivity[name])
+            layers[name] = entry
+        predicted = {
+            "size_bytes": size.size_bytes,
+            "avg_bits": round(size.avg_bits, 6),
+            "compression_ratio": round(size.compression_ratio, 6),
+            "full_precision_bytes": evaluator.full_precision_bytes,
+            "metric_name": evaluator.metric.name,
+            "metric": metric,
+            "reference_metric": evaluator.reference_metric,
+        }
+        if validation_metric is not None:
+            predicted["validation_metric"] = validation_metric
+            predicted["reference_validation_metric"] = evaluator.reference_validation_metric
+        n_params = sum(n for n, _ in space.tensors.values())
+        prov = {"mpsearch": __version__, **(provenance or {})}
+        return cls(
+            model={"name": space.model_name, "fingerprint": space.fingerprint, "n_params": n_params},
+            quantizer=space.quantizer.to_dict(),
+            layers=layers,
+            unquantized=sorted(unquantized),
+            predicted=predicted,
+            provenance=prov,
+        )
+
+    # ---- file format -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model": self.model, "quantizer": self.quantizer,
+                "layers": self.layers, "unquantized": self.unquantized, "predicted": self.predicted,
+                "provenance": self.provenance}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        self.validate()
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(p)
+        return p
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "plan") -> "QuantizationPlan":
+        if not isinstance(d, dict):
+            raise PlanError(f"{source}: a plan must be a JSON object")
+        if d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{source}: not an mpsearch plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"{source}: unsupported plan version {d.get('version')!r} (this mpsearch reads version {PLAN_VERSION})")
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise PlanError(f"{source}: missing field(s) {', '.join(missing)}")
+        plan = cls(d["model"], d["quantizer"], d["layers"], d["unquantized"], d["predicted"], d["provenance"])
+        return plan.validate(source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantizationPlan":
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise PlanError(f"cannot read plan {p}: {exc.strerror or exc}") from None
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"corrupt plan {p}: not valid JSON ({exc})") from None
+        return cls.from_dict(d, str(p))
+
+    def validate(self, source: str = "plan") -> "QuantizationPlan":
+        for key in ("name", "fingerprint"):
+            if not isinstance(self.model, dict) or key not in self.model:
+                raise PlanError(f"{source}: model.{key} is missing")
+        try:
+            self.quantizer_config()
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"{source}: bad quantizer settings: {exc}") from None
+        if not isinstance(self.layers, dict):
+            raise PlanError(f"{source}: layers must be a mapping of layer name to settings")
+        for name, entry in self.layers.items():
+            if not isinstance(entry, dict) or "bits" not in entry:
+                raise PlanError(f"{source}: layer {name!r} has no bits")
+            b = entry["bits"]
+            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= FLOAT16_BITS:
+                raise PlanError(f"{source}: layer {name!r} has bits {b!r}, outside 1-16")
+            g = entry.get("group_size")
+            if g is not None and (not isinstance(g, int) or g < 1):
+                raise PlanError(f"{source}: layer {name!r} has a bad group_size {g!r}")
+        if not isinstance(self.unquantized, list):
+            raise PlanError(f"{source}: unquantized must be a list of tensor names")
+        for key in ("size_bytes", "metric_name", "metric"):
+            if key not in self.predicted:
+                raise PlanError(f"{source}: predicted.{key} is missing")
+        return self
+
+    # ---- use -----------------------------------------------------------------------------
+    def quantizer_config(self, layer: str | None = None) -> QuantizerConfig:
+        cfg = QuantizerConfig.from_dict(self.quantizer)
+        g = self.layers.get(layer, {}).get("group_size") if layer else None
+        if g is not None and g != cfg.group_size:
+            cfg = replace(cfg, granularity="per-group", group_size=g)
+        return cfg
+
+    def bits(self) -> dict[str, int]:
+        return {n: int(e["bits"]) for n, e in self.layers.items()}
+
+    def check_model(self, model: nn.Module) -> None:
+        fp = model_fingerprint(model)
+        if fp != self.model["fingerprint"]:
+            raise PlanError(
+                f"plan is for model {self.model.get('name')!r} with fingerprint {self.model['fingerprint']}, "
+                f"but this model's fingerprint is {fp}"
+            )
+        modules = dict(model.named_modules(remove_duplicate=False))
+        for name in self.layers:
+            if getattr(modules.get(name), "weight", None) is None:
+                raise PlanError(f"plan names layer {name!r}, which the model does not have")
+
+
+def apply(plan: QuantizationPlan, model: nn.Module) -> nn.Module:
+    """Fake-quantize ``model``'s weights in place as the plan says, and return it."""
+    plan.check_model(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    with torch.no_grad():
+        for name, entry in plan.layers.items():
+            w = modules[name].weight
+            w.data = quantize_weight(w.data, int(entry["bits"]), plan.quantizer_config(name))
+    return model
+
+
+def layer_table(plan: QuantizationPlan) -> list[dict]:
+    """One row per quantized layer: name, kind, parameters, bits, bytes (with scales), sensitivity."""
+    from .cost import layer_bytes
+    from .space import LayerSpec
+
+    rows = []
+    for name, e in plan.layers.items():
+        spec = LayerSpec(name, e.get("kind", "?"), f"{name}.weight", tuple(e["shape"]), (e["bits"],))
+        rows.append({"layer": name, "kind": e.get("kind", ""), "params": spec.n_params, "bits": e["bits"],
+                     "bytes": layer_bytes(spec, e["bits"], plan.quantizer_config(name)),
+                     "sensitivity": e.get("sensitivity")})
+    return rows
+
+
+def pinned_space(plan: QuantizationPlan, model: nn.Module) -> SearchSpace:
+    """A space with no decisions, every planned layer pinned: its size model measures the plan."""
+    plan.check_model(model)
+    cfg = QuantizerConfig.from_dict(plan.quantizer)
+    names = list(plan.layers)
+    pins = {re.escape(n): int(e["bits"]) for n, e in plan.layers.items()}
+    layer_choices = {re.escape(n): [int(e["bits"])] for n, e in plan.layers.items()}
+    return SearchSpace.from_model(model, choices=sorted({int(e["bits"]) for e in plan.layers.values()}) or [8],
+                                  include=[re.escape(n) for n in names], pin=pins, layer_choices=layer_choices,
+                                  quantizer=cfg, model_name=plan.model.get("name", "model"))
+
+
+def verify(plan: QuantizationPlan, task) -> dict:
+    """Apply the plan to the task's model and measure size and validation quality next to the prediction."""
+    from .evaluator import Evaluator
+
+    space = pinned_space(plan, task.model)
+    evaluator = Evaluator(task, space)  # reference outputs from the full-precision model, before apply
+    apply(plan, task.model)
+    try:
+        metric = evaluator.score_model("validation")
+        calibration = evaluator.score_model("calibration")
+    finally:
+        evaluator.restore()
+    size = evaluator.size_model.size(())
+    pred = plan.predicted
+    return {
+        "model": plan.model.get("name"),
+        "size_bytes": size.size_bytes,
+        "avg_bits": round(size.avg_bits, 6),
+        "compression_ratio": round(size.compression_ratio, 6),
+        "metric_name": evaluator.metric.name,
+        "metric": metric,
+        "calibration_metric": calibration,
+        "reference_metric": evaluator.reference_validation_metric,
+        "predicted_size_bytes": pred.get("size_bytes"),
+        "predicted_metric": pred.get("validation_metric", pred.get("metric")),
+        "predicted_calibration_metric": pred.get("metric"),
+    }
