@@ -190,6 +190,9 @@ def search(
             if stalls >= MAX_STALLS:
                 result.stop_reason = "strategy proposes nothing new"
                 break
+    except KeyboardInterrupt:
+        # Anytime: what was evaluated is stored and returned; the caller decides what to write.
+        result.stop_reason = "interrupted"
     finally:
         if bar is not None:
             bar.close()

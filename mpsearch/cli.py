@@ -1,0 +1,426 @@
+"""Command line: mpsearch search | compare | export | verify | show | worker.
+
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 internal error,
+130 interrupted (after writing what was computed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from .errors import MPSearchError
+
+EXAMPLES = {
+    "search": "example: mpsearch search --model digits --strategy pso --max-evals 200 --avg-bits 4 --seed 0 --out runs/demo",
+    "compare": "example: mpsearch compare --model digits --strategies greedy,pso,bayes,random --seeds 3 --max-evals 100 --avg-bits 3 --out runs/cmp",
+    "export": "example: mpsearch export runs/demo/plan.json --format gptqmodel --out runs/demo/quantize_config.json",
+    "verify": "example: mpsearch verify runs/demo/plan.json --model digits --json",
+    "show": "example: mpsearch show runs/demo/plan.json",
+    "worker": "example: mpsearch worker --storage postgresql://user@host/db --study digits-pso-seed0",
+}
+
+
+class UsageError(MPSearchError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+    return v
+
+
+def _options(pairs: list[str] | None) -> dict:
+    """--option key=value, values parsed as JSON when they parse (numbers, booleans, lists)."""
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise UsageError(f"--option expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="mpsearch", description="Search per-layer bit-widths for a PyTorch model.")
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
+
+    def common_search(sp):
+        sp.add_argument("--model", default="digits", help="built-in task (digits, minilm), module:function or file.py:function")
+        sp.add_argument("--search-space", help="search space YAML (path or name in search_spaces/)")
+        sp.add_argument("--max-evals", type=_positive_int, default=200, help="evaluations per run (default 200)")
+        sp.add_argument("--wall-time", type=_positive_float, help="stop each run after this many seconds")
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--budget-mb", type=_positive_float, help="size budget in MB (10^6 bytes)")
+        g.add_argument("--avg-bits", type=_positive_float, help="size budget in average weight bits")
+        sp.add_argument("--out", required=True, help="output directory")
+        sp.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --out)")
+        sp.add_argument("--fresh", action="store_true", help="discard stored trials and start over")
+        sp.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option, repeatable")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("search", help="search one strategy, write the front and the best plan", epilog=EXAMPLES["search"])
+    common_search(s)
+    s.add_argument("--strategy", default="pso", help="greedy, pso, bayes, ilp, random, uniform, exhaustive")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--study", help="study name in the storage (default: derived from the command)")
+    s.add_argument("--workers", type=int, default=0, help="local worker processes that evaluate in parallel")
+
+    c = sub.add_parser("compare", help="several strategies x seeds at equal budgets on one evaluator", epilog=EXAMPLES["compare"])
+    common_search(c)
+    c.add_argument("--strategies", default="greedy,pso,bayes,random", help="comma-separated strategy names")
+    c.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 per strategy")
+
+    e = sub.add_parser("export", help="write a plan for a deployment tool", epilog=EXAMPLES["export"])
+    e.add_argument("plan")
+    e.add_argument("--format", required=True, help="torchao, onnxruntime, llama-cpp, gptqmodel, csv, markdown")
+    e.add_argument("--out", required=True)
+    e.add_argument("--model", help="task the plan was made for (default: the plan's model name)")
+
+    v = sub.add_parser("verify", help="apply a plan and measure size and validation quality", epilog=EXAMPLES["verify"])
+    v.add_argument("plan")
+    v.add_argument("--model", help="task the plan was made for (default: the plan's model name)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sh = sub.add_parser("show", help="print a plan's per-layer table", epilog=EXAMPLES["show"])
+    sh.add_argument("plan")
+
+    w = sub.add_parser("worker", help="evaluate trials queued in a shared study", epilog=EXAMPLES["worker"])
+    w.add_argument("--storage", required=True)
+    w.add_argument("--study", required=True)
+    return p
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _writable_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".mpsearch-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise MPSearchError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def _setup(args):
+    from .budget import Budget
+    from .evaluator import Evaluator
+    from .models import load_task
+    from .spaces import space_for
+
+    task = load_task(args.model)
+    space = space_for(task, args.search_space)
+    budget = Budget.from_args(args.budget_mb, args.avg_bits)
+    evaluator = Evaluator(task, space)
+    if budget is not None:
+        budget.check(evaluator.size_model)
+    return task, space, budget, evaluator
+
+
+def _storage_url(args, out: Path) -> str:
+    return args.storage or f"sqlite:///{(out / 'trials.db').resolve()}"
+
+
+def _budget_tag(budget) -> str:
+    if budget is None:
+        return "front"
+    if budget.max_avg_bits is not None:
+        return f"bits{budget.max_avg_bits:g}"
+    return f"bytes{budget.max_bytes}"
+
+
+def _study_name(model: str, strategy: str, seed: int, budget) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).stem if model.endswith(".py") else model)
+    return f"{name}-{strategy}-seed{seed}-{_budget_tag(budget)}"
+
+
+def _uniform_at_size(space, evaluator, max_bytes: int):
+    """The widest uniform candidate no larger than ``max_bytes`` (None when none fits)."""
+    best = None
+    for b in space.uniform_bits():
+        c = space.uniform(b)
+        if evaluator.size_model.size_bytes(c) <= max_bytes:
+            best = c
+    return best
+
+
+def _plan_for(space, evaluator, trial, strategy, seed, n_evals, point):
+    from .plan import QuantizationPlan
+
+    val = evaluator.validate(trial.candidate)
+    return QuantizationPlan.from_candidate(space, evaluator, trial.candidate, metric=trial.metric, validation_metric=val,
+                                           provenance={"strategy": strategy, "seed": seed, "n_evals": n_evals,
+                                                       "point": point})
+
+
+# ---- commands -------------------------------------------------------------------------------
+def cmd_search(args) -> int:
+    from . import report
+    from .pareto import HV_REFERENCE
+    from .search import Termination, search
+    from .strategies import get_strategy
+
+    out = _writable_dir(args.out)
+    strategy = get_strategy(args.strategy, **_options(args.option))
+    termination = Termination(max_evals=args.max_evals, wall_s=args.wall_time)
+    task, space, budget, evaluator = _setup(args)
+    url = _storage_url(args, out)
+    study = args.study or _study_name(args.model, args.strategy, args.seed, budget)
+    _say(f"mpsearch: {task.name}: {space.summary()}; full precision {evaluator.full_precision_bytes / 1e6:.4g} MB, "
+         f"{evaluator.metric.name} {evaluator.reference_metric:.4f}")
+    _say(f"mpsearch: {args.strategy}, seed {args.seed}, {args.max_evals} evaluations"
+         + (f", budget {budget.describe()}" if budget else ", no budget (whole front)") + f"; trials in {url} [{study}]")
+    executor = None
+    if args.workers:
+        from .workers import local_pool
+
+        executor = local_pool(args, url, study, space, evaluator)
+    try:
+        result = search(space, evaluator, strategy, termination, seed=args.seed, budget=budget, storage=url,
+                        study_name=study, fresh=args.fresh, progress=not args.no_progress, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
+    if result.n_resumed:
+        _say(f"mpsearch: resumed {result.n_resumed} stored evaluations, computed {result.n_evals - result.n_resumed} new")
+
+    # files
+    df = report.trials_frame(result, space)
+    df.to_csv(out / "trials.csv", index=False)
+    ftrials = report.front_trials(result)
+    report.trials_frame(result, space, ftrials).to_csv(out / "front.csv", index=False)
+    uniform_pts = [evaluator.evaluate(c) for c in (space.uniform(b) for b in space.uniform_bits())]
+    best = result.best()
+    summary = {
+        "model": task.name, "strategy": args.strategy, "seed": args.seed, "n_evals": result.n_evals,
+        "max_evals": args.max_evals, "n_resumed": result.n_resumed, "stop_reason": result.stop_reason,
+        "wall_s": round(result.wall_s, 3), "eval_s": round(result.eval_s, 3), "strategy_s": round(result.strategy_s, 3),
+        "storage_s": round(result.storage_s, 3), "metric_name": evaluator.metric.name,
+        "reference_metric": evaluator.reference_metric, "reference_validation_metric": evaluator.reference_validation_metric,
+        "full_precision_bytes": evaluator.full_precision_bytes, "hypervolume": result.hypervolume,
+        "hypervolume_ref": {"size_fraction": HV_REFERENCE[0], "normalized_metric": HV_REFERENCE[1]},
+        "front_size": len(ftrials), "budget": budget.to_dict() if budget else None,
+        "search_space": space.summary(), "storage": url if not args.storage else "(user storage)", "study": study,
+        "uniform": [{"avg_bits": u.avg_bits, "size_bytes": u.size_bytes, "metric": u.metric} for u in uniform_pts],
+    }
+    plan = None
+    if budget is not None:
+        if best is None:
+            summary["best"] = None
+            _say(f"mpsearch: no evaluated candidate met the budget {budget.describe()}; trials are in {out / 'trials.csv'}")
+        else:
+            plan = _plan_for(space, evaluator, best, args.strategy, args.seed, result.n_evals, "best within budget")
+    elif ftrials:
+        knee = result.front.knee()
+        best = next(t for t in ftrials if t.candidate == knee.candidate)
+        plan = _plan_for(space, evaluator, best, args.strategy, args.seed, result.n_evals, "knee of the front")
+    if plan is not None:
+        plan.save(out / "plan.json")
+        p = plan.predicted
+        summary["best"] = {"size_bytes": p["size_bytes"], "avg_bits": p["avg_bits"],
+                           "compression_ratio": p["compression_ratio"], "metric": p["metric"],
+                           "validation_metric": p["validation_metric"], "point": plan.provenance["point"]}
+        uc = _uniform_at_size(space, evaluator, p["size_bytes"])
+        if uc is not None:
+            u = evaluator.evaluate(uc)
+            summary["uniform_at_same_size"] = {"bits": uc[0], "size_bytes": u.size_bytes, "metric": u.metric,
+                                               "validation_metric": evaluator.validate(uc)}
+    evaluator.restore()
+    report.plot_front(out / "front.png", {args.strategy: ftrials}, evaluator.full_precision_bytes, evaluator.metric.name,
+                      evaluator.reference_metric, uniform=uniform_pts, all_points=result.trials,
+                      budget_bytes=budget.max_bytes if budget else None,
+                      title=f"{task.name}: {args.strategy}, seed {args.seed}, {result.n_evals} evaluations")
+    report.plot_hypervolume(out / "hypervolume.png", {args.strategy: [report.hv_curve(result)]})
+    files = ["summary.json", "trials.csv", "front.csv", "front.png", "hypervolume.png"]
+    if plan is not None:
+        from .report_plan import plot_plan
+
+        plot_plan(plan, out / "plan.png")
+        files += ["plan.json", "plan.png"]
+    summary["files"] = files
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _final_report(summary, out, plan)
+    return 130 if result.stop_reason == "interrupted" else 0
+
+
+def _final_report(s: dict, out: Path, plan) -> None:
+    fp = s["full_precision_bytes"]
+    _say("")
+    _say(f"{s['model']}: {s['n_evals']} evaluations by {s['strategy']} in {s['wall_s']:.1f} s ({s['stop_reason']}); "
+         f"front of {s['front_size']} points, hypervolume {s['hypervolume']:.4f}")
+    b = s.get("best")
+    if b:
+        name = s["metric_name"]
+        rows = [("full precision", fp, 32.0, s["reference_metric"], s["reference_validation_metric"]),
+                (f"plan ({b['point']})", b["size_bytes"], b["avg_bits"], b["metric"], b["validation_metric"])]
+        u = s.get("uniform_at_same_size")
+        if u:
+            rows.append((f"uniform {u['bits']}-bit", u["size_bytes"], float(u["bits"]), u["metric"], u["validation_metric"]))
+        _say(f"  {'':<28}{'size MB':>10}{'avg bits':>10}{'ratio':>8}{name + ' cal':>16}{name + ' val':>16}")
+        for label, size, bits, m, v in rows:
+            _say(f"  {label:<28}{size / 1e6:>10.4f}{bits:>10.3f}{fp / size:>8.2f}{m:>16.4f}{v:>16.4f}")
+    _say(f"plan:  {out / 'plan.json'}" if plan is not None else "plan:  (none)")
+    _say(f"front: {out / 'front.csv'}, {out / 'front.png'}")
+    _say(f"files: {', '.join(s['files'])} in {out}")
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_comparison, write_comparison
+    from .search import Termination
+
+    out = _writable_dir(args.out)
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not names:
+        raise MPSearchError("--strategies is empty")
+    options = _options(args.option)
+    task, space, budget, evaluator = _setup(args)
+    url = _storage_url(args, out)
+    _say(f"mpsearch: compare {', '.join(names)} x {args.seeds} seeds x {args.max_evals} evaluations on {task.name}"
+         + (f", budget {budget.describe()}" if budget else ""))
+    results = run_comparison(space, evaluator, names, list(range(args.seeds)),
+                             Termination(max_evals=args.max_evals, wall_s=args.wall_time), budget, storage=url,
+                             study_prefix=_study_name(args.model, "compare", 0, budget).replace("-seed0", ""),
+                             options={n: options for n in names} if options else None,
+                             progress=not args.no_progress, fresh=args.fresh)
+    title = f"{task.name}, {args.max_evals} evaluations" + (f", budget {budget.describe()}" if budget else "")
+    write_comparison(results, evaluator, out, title=title)
+    _say((out / "comparison.md").read_text())
+    _say(f"files: comparison.csv, comparison.md, comparison.tex, hypervolume.png, fronts.png in {out}")
+    return 130 if results and results[-1].stop_reason == "interrupted" else 0
+
+
+def _load_plan_and_task(plan_path: str, model: str | None):
+    from .models import BUILTIN, load_task
+    from .plan import QuantizationPlan
+
+    plan = QuantizationPlan.load(plan_path)
+    name = model or plan.model.get("name")
+    if model is None and name not in BUILTIN:
+        raise MPSearchError(f"plan is for model {name!r}, which is not built in: pass --model module:function")
+    return plan, load_task(name)
+
+
+def cmd_export(args) -> int:
+    from .exporters import REGISTRY, _load_all, export
+    from .plan import QuantizationPlan
+
+    _load_all()
+    if args.format not in REGISTRY:
+        raise MPSearchError(f"unknown export format {args.format!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    plan = QuantizationPlan.load(args.plan)
+    task = None
+    if REGISTRY[args.format].needs_model:
+        plan, task = _load_plan_and_task(args.plan, args.model)
+    _writable_dir(str(Path(args.out).parent or "."))
+    res = export(plan, args.format, args.out, task)
+    _say(f"wrote {', '.join(str(p) for p in res.paths)} ({res.size_bytes:,} bytes on disk; "
+         f"plan predicts {plan.predicted['size_bytes']:,} bytes)")
+    for n in res.notes:
+        _say(f"note: {n}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .plan import verify
+
+    plan, task = _load_plan_and_task(args.plan, args.model)
+    r = verify(plan, task)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    _say(f"{r['model']}: plan applied and measured on the validation split")
+    _say(f"  {'':<12}{'measured':>14}{'predicted':>14}")
+    _say(f"  {'size bytes':<12}{r['size_bytes']:>14,}{r['predicted_size_bytes']:>14,}")
+    _say(f"  {r['metric_name']:<12}{r['metric']:>14.4f}{r['predicted_metric']:>14.4f}")
+    _say(f"  full precision {r['metric_name']} {r['reference_metric']:.4f}; average bits {r['avg_bits']:.3f}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .plan import QuantizationPlan, layer_table
+
+    plan = QuantizationPlan.load(args.plan)
+    p = plan.predicted
+    _say(f"plan for {plan.model.get('name')} ({plan.model.get('fingerprint', '')[:19]}…), quantizer "
+         f"{plan.quantizer.get('scheme')} {plan.quantizer.get('granularity')}")
+    _say(f"predicted: {p['size_bytes']:,} bytes, {p.get('avg_bits', float('nan')):.3f} avg bits, "
+         f"{p['metric_name']} {p['metric']:.4f}" + (f" (validation {p['validation_metric']:.4f})" if "validation_metric" in p else ""))
+    rows = layer_table(plan)
+    w = max([len(r["layer"]) for r in rows] + [5])
+    _say(f"{'layer':<{w}}  {'kind':<9}{'params':>12}{'bits':>6}{'bytes':>12}{'share':>8}")
+    for r in rows:
+        _say(f"{r['layer']:<{w}}  {r['kind']:<9}{r['params']:>12,}{r['bits']:>6}{r['bytes']:>12,}"
+             f"{r['bytes'] / max(p['size_bytes'], 1):>8.1%}")
+    _say(f"{len(plan.unquantized)} tensors left unquantized")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from .workers import run_worker
+
+    return run_worker(args.storage, args.study)
+
+
+COMMANDS = {"search": cmd_search, "compare": cmd_compare, "export": cmd_export, "verify": cmd_verify,
+            "show": cmd_show, "worker": cmd_worker}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except MPSearchError as exc:
+        print(f"mpsearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpsearch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: one line, the traceback only on request
+        if os.environ.get("MPSEARCH_DEBUG"):
+            raise
+        print(f"mpsearch: internal error: {type(exc).__name__}: {exc} (set MPSEARCH_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

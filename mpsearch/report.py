@@ -1,0 +1,174 @@
+"""Tables (pandas -> CSV, Markdown, LaTeX) and figures (matplotlib, Agg) from search results.
+
+This sits at the edge: it reads results, and nothing in the core imports it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .pareto import ParetoFront, hypervolume_curve
+from .search import SearchResult
+from .space import SearchSpace
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def trials_frame(result: SearchResult, space: SearchSpace, trials=None) -> pd.DataFrame:
+    """One row per evaluation: size, average bits, metric, cost, and the bits of every decision."""
+    rows = []
+    for t in (result.trials if trials is None else trials):
+        row = {"number": t.number, "strategy": t.strategy, "seed": t.seed, "size_bytes": t.size_bytes,
+               "avg_bits": round(t.avg_bits, 6), "compression_ratio": round(result.full_precision_bytes / t.size_bytes, 6),
+               "metric": t.metric, "wall_s": round(t.wall_s, 6), "resumed": t.resumed, "cached": t.cached}
+        if result.budget is not None:
+            b = result.budget
+            row["feasible"] = ((b.max_bytes is None or t.size_bytes <= b.max_bytes)
+                               and (b.max_avg_bits is None or t.avg_bits <= b.max_avg_bits + 1e-9))
+        for d, bits in zip(space.decisions, t.candidate):
+            row[f"bits:{d.name}"] = bits
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def front_trials(result: SearchResult) -> list:
+    keys = {p.candidate for p in result.front}
+    seen, out = set(), []
+    for t in sorted(result.trials, key=lambda t: (t.size_bytes, -t.metric)):
+        if t.candidate in keys and t.candidate not in seen:
+            seen.add(t.candidate)
+            out.append(t)
+    return out
+
+
+def plot_front(path: Path, fronts: dict[str, Sequence], full_precision_bytes: int, metric_name: str,
+               reference_metric: float | None = None, uniform: Sequence | None = None, all_points: Sequence | None = None,
+               budget_bytes: int | None = None, title: str = "") -> Path:
+    """Size against quality: one step line per front, grey dots for every trial, uniform points marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if all_points:
+        ax.scatter([p.size_bytes / 1e6 for p in all_points], [p.metric for p in all_points], s=6, c="0.75",
+                   label="evaluated", zorder=1)
+    for i, (label, pts) in enumerate(fronts.items()):
+        pts = sorted(pts, key=lambda p: p.size_bytes)
+        if not pts:
+            continue
+        ax.step([p.size_bytes / 1e6 for p in pts], [p.metric for p in pts], where="post", marker="o", ms=3,
+                label=f"{label} front", zorder=3 + i)
+    if uniform:
+        ax.scatter([p.size_bytes / 1e6 for p in uniform], [p.metric for p in uniform], marker="x", s=50, c="k",
+                   label="uniform", zorder=10)
+        for p in uniform:
+            ax.annotate(f"W{int(round(p.avg_bits))}", (p.size_bytes / 1e6, p.metric), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)
+    if reference_metric is not None:
+        ax.axhline(reference_metric, ls=":", c="k", lw=0.8, label="full precision")
+    if budget_bytes is not None:
+        ax.axvline(budget_bytes / 1e6, ls="--", c="r", lw=0.8, label="budget")
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel(metric_name)
+    ax.set_title(title or f"Pareto front (full precision {full_precision_bytes / 1e6:.3g} MB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def hv_curve(result: SearchResult) -> list[float]:
+    return hypervolume_curve(result.trials, result.full_precision_bytes, result.reference_metric, result.normalize)
+
+
+def plot_hypervolume(path: Path, curves: dict[str, list[list[float]]], title: str = "") -> Path:
+    """Hypervolume against evaluations: the median over seeds per strategy, with the min-max band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, runs in curves.items():
+        n = max(len(r) for r in runs)
+        arr = np.array([r + [r[-1]] * (n - len(r)) if r else [0.0] * n for r in runs], dtype=float)
+        x = np.arange(1, n + 1)
+        ax.plot(x, np.median(arr, axis=0), label=label)
+        if len(runs) > 1:
+            ax.fill_between(x, arr.min(axis=0), arr.max(axis=0), alpha=0.15)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("hypervolume (normalised size x quality)")
+    ax.set_title(title or "Hypervolume against evaluations (median, min-max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evals_to_reach(curve: Sequence[float], target: float) -> float:
+    for i, v in enumerate(curve):
+        if v >= target:
+            return i + 1
+    return math.nan
+
+
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return "—"
+    m = float(np.mean(v))
+    s = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std per strategy of the per-run numbers in ``runs`` (one row per strategy x seed)."""
+    rows = []
+    for strategy, g in runs.groupby("strategy", sort=False):
+        row = {"strategy": strategy, "runs": len(g),
+               "hypervolume": mean_std(g["hypervolume"].tolist()),
+               "best_metric": mean_std(g["best_metric"].tolist()) if "best_metric" in g else "—",
+               "best_validation_metric": mean_std(g["best_validation_metric"].tolist()) if "best_validation_metric" in g else "—",
+               "evals_to_99pct_hv": mean_std(g["evals_to_99pct_hv"].tolist(), 1),
+               "reached_99pct_hv": f"{int(g['evals_to_99pct_hv'].notna().sum())}/{len(g)}",
+               "wall_s": mean_std(g["wall_s"].tolist(), 2),
+               "cost_s": mean_std(g["cost_s"].tolist(), 2)}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def latex_table(df: pd.DataFrame, caption: str = "") -> str:
+    cols = [str(c).replace("_", r"\_") for c in df.columns]
+    body = [" & ".join(_cell(v).replace("±", r"$\pm$").replace("_", r"\_").replace("%", r"\%") for v in row) + r" \\"
+            for row in df.itertuples(index=False)]
+    out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" + "r" * (len(cols) - 1) + "}", r"\toprule",
+           " & ".join(cols) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        out.append(r"\caption{" + caption + "}")
+    out.append(r"\end{table}")
+    return "\n".join(out) + "\n"
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "—"
+        return f"{v:.4g}"
+    return str(v)
