@@ -70,17 +70,25 @@ class SearchResult:
 
 
 class LocalExecutor:
-    """Evaluates in this process, one candidate at a time, stopping early when asked to."""
+    """Evaluates in this process, one candidate at a time, stopping early when asked to.
+
+    An executor's ``run`` calls ``on_result(evaluation, persisted)`` once per candidate it
+    completes; ``persisted`` says the executor already wrote the record to the store (as
+    remote workers do), so the loop must not write it again. ``attach`` hands it the store.
+    """
 
     def __init__(self, evaluator: Evaluator):
         self.evaluator = evaluator
 
-    def run(self, candidates: Sequence[Candidate], on_result: Callable[[Evaluation], None],
+    def attach(self, store: TrialStore) -> None:
+        pass
+
+    def run(self, candidates: Sequence[Candidate], on_result: Callable[[Evaluation, bool], None],
             should_stop: Callable[[], bool]) -> None:
         for c in candidates:
             if should_stop():
                 return
-            on_result(self.evaluator.evaluate(c))
+            on_result(self.evaluator.evaluate(c), False)
 
 
 def search(
@@ -113,6 +121,7 @@ def search(
                           evaluator.metric.name, evaluator.metric.normalize)
     result.extra["study_name"] = store.study_name
     executor = executor or LocalExecutor(evaluator)
+    executor.attach(store)
     ctx = SearchContext(space, evaluator.size_model, budget, seed, termination.max_evals, evaluator.reference_metric)
 
     bar = None
@@ -133,11 +142,12 @@ def search(
             return True
         return False
 
-    def record(ev: Evaluation, resumed: bool) -> None:
+    def record(ev: Evaluation, resumed: bool, persisted: bool = False) -> None:
         trial = Trial(len(result.trials), ev.candidate, ev.size_bytes, ev.avg_bits, ev.metric, ev.wall_s,
                       strategy.name, seed, resumed=resumed, cached=ev.cached)
         if not resumed:
             result.eval_s += 0.0 if ev.cached else ev.wall_s
+        if not (resumed or persisted):
             t0 = time.perf_counter()
             store.add([trial])
             result.storage_s += time.perf_counter() - t0
@@ -181,7 +191,8 @@ def search(
                 evaluator.remember(ev)
                 result.n_resumed += 1
                 record(ev, resumed=True)
-            executor.run([c for c in todo if c not in stored], lambda ev: record(ev, resumed=False), should_stop)
+            executor.run([c for c in todo if c not in stored],
+                         lambda ev, persisted: record(ev, resumed=False, persisted=persisted), should_stop)
             answers = [asked[c] for c in batch if c in asked]
             t0 = time.perf_counter()
             strategy.tell(answers)
