@@ -30,6 +30,10 @@ def layer_bytes(layer: LayerSpec, bits: int, cfg: QuantizerConfig) -> int:
     return total
 
 
+def _stored_bits(layer: LayerSpec, bits: int) -> int:
+    return layer.element_size * 8 if bits >= UNQUANTIZED_BITS else bits
+
+
 @dataclass(frozen=True)
 class Size:
     size_bytes: int
@@ -47,17 +51,21 @@ class SizeModel:
         self.unquantized_bytes = sum(n * es for name, (n, es) in space.tensors.items() if name not in weights)
         self.unquantized_tensors = sorted(name for name in space.tensors if name not in weights)
         self.fixed_bytes = self.unquantized_bytes
-        self.fixed_bits = 0  # quantized-weight bits of pinned layers
+        # Average bits run over every weight in the space; one left at 32 bits counts at its float width.
+        self.fixed_bits = 0
         self.fixed_count = 0
         for name, b in space.pinned.items():
             layer = space.layers[name]
             self.fixed_bytes += layer_bytes(layer, b, cfg)
-            if b < UNQUANTIZED_BITS:
-                self.fixed_bits += layer.n_params * b
-                self.fixed_count += layer.n_params
+            self.fixed_bits += layer.n_params * _stored_bits(layer, b)
+            self.fixed_count += layer.n_params
         self.table = [np.array([sum(layer_bytes(space.layers[n], b, cfg) for n in d.layers) for b in d.choices], dtype=np.int64)
                       for d in space.decisions]
         self.counts = np.array([sum(space.layers[n].n_params for n in d.layers) for d in space.decisions], dtype=np.int64)
+        # bits_table[d][i]: weight bits of decision d at choice i (n_params x bits; 32 counts at float width)
+        self.bits_table = [np.array([sum(space.layers[n].n_params * _stored_bits(space.layers[n], b) for n in d.layers)
+                                     for b in d.choices], dtype=np.int64) for d in space.decisions]
+        self.total_count = self.fixed_count + int(self.counts.sum())
         self.macs = dict(macs or {})
         self.activation_bits = activation_bits
 
@@ -66,16 +74,17 @@ class SizeModel:
         return int(self.fixed_bytes + sum(int(t[i]) for t, i in zip(self.table, idx)))
 
     def avg_bits(self, candidate: Sequence[int]) -> float:
-        bits, count = self.fixed_bits, self.fixed_count
-        for b, n in zip(candidate, self.counts):
-            if b < UNQUANTIZED_BITS:
-                bits += int(n) * int(b)
-                count += int(n)
-        return bits / count if count else float(UNQUANTIZED_BITS)
+        idx = self.space.encode(candidate)
+        bits = self.fixed_bits + sum(int(t[i]) for t, i in zip(self.bits_table, idx))
+        return bits / self.total_count if self.total_count else float(UNQUANTIZED_BITS)
 
     def size(self, candidate: Sequence[int]) -> Size:
         s = self.size_bytes(candidate)
         return Size(s, self.avg_bits(candidate), self.full_precision_bytes / s)
+
+    def weight_bits_cap(self, max_avg_bits: float) -> float:
+        """The average-bits budget as a cap on total weight bits: sum(bits_table) <= this - fixed_bits."""
+        return max_avg_bits * self.total_count - self.fixed_bits
 
     def bops(self, candidate: Sequence[int]) -> int:
         """Bit operations per sample: MACs x weight bits x activation bits (activations stay float)."""

@@ -45,8 +45,11 @@ class QuantizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantizerConfig":
-        known = {k: d[k] for k in ("scheme", "granularity", "group_size", "clip_search", "scale_bits", "zero_point_bits") if k in d}
-        return cls(**known)
+        fields = ("scheme", "granularity", "group_size", "clip_search", "scale_bits", "zero_point_bits")
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown quantizer key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        return cls(**d)
 
 
 def is_integer_bits(bits: int) -> bool:

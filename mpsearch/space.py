@@ -151,6 +151,10 @@ class SearchSpace:
 
         found: dict[str, LayerSpec] = {}
         by_param: dict[int, str] = {}
+        # A shared weight appears once in the size model, under the state-dict key kept first.
+        state_key: dict[int, str] = {}
+        for key, t in model.state_dict(keep_vars=True).items():
+            state_key.setdefault(id(t), key)
         for name, mod in model.named_modules(remove_duplicate=False):
             if not isinstance(mod, classes) or getattr(mod, "weight", None) is None:
                 continue
@@ -163,7 +167,8 @@ class SearchSpace:
                 continue
             by_param[id(w)] = name
             kind = next(t for t in types if isinstance(mod, LAYER_TYPES[t]))
-            found[name] = LayerSpec(name, kind, f"{name}.weight", tuple(w.shape), base_choices, w.element_size())
+            found[name] = LayerSpec(name, kind, state_key.get(id(w), f"{name}.weight"), tuple(w.shape), base_choices,
+                                    w.element_size())
         if not found:
             raise SpaceError("the model has no quantizable layer (Linear, Conv1d, Conv2d, Embedding)")
 
@@ -181,6 +186,8 @@ class SearchSpace:
             for n in _matching([pat], selected, "layer_choices"):
                 per_layer[n] = ch
         lims = dict(limits or {})
+        for pat in lims:
+            _matching([pat], selected, "limits")
         for n in selected:
             lo, hi = min_bits, max_bits
             for pat, lim in lims.items():
@@ -193,8 +200,6 @@ class SearchSpace:
             if not ch:
                 raise SpaceError(f"layer {n}: no bit-width left between min {lo} and max {hi}")
             per_layer[n] = ch
-        for pat in lims:
-            _matching([pat], selected, "limits")
 
         pinned: dict[str, int] = {}
         for pat, bits in (pin or {}).items():
@@ -202,8 +207,16 @@ class SearchSpace:
             for n in _matching([pat], selected, "pin"):
                 pinned[n] = b
 
+        groups = _tie_groups(tie or [], selected)
+        for g in groups:
+            pins = {pinned[n] for n in g if n in pinned}
+            if len(pins) > 1:
+                raise SpaceError(f"tied group {list(g)} has layers pinned at different bit-widths {sorted(pins)}")
+            if pins:
+                (b,) = pins
+                pinned.update({n: b for n in g})
+        groups = [g for g in groups if g[0] not in pinned]
         layers = {n: LayerSpec(**{**found[n].__dict__, "choices": (pinned[n],) if n in pinned else per_layer[n]}) for n in selected}
-        groups = _tie_groups(tie or [], [n for n in selected if n not in pinned])
         tied = {n for g in groups for n in g}
         decisions: list[Decision] = []
         for n in selected:

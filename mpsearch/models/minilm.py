@@ -56,6 +56,8 @@ def load_encoder():
 
 
 def _batches(tokenizer, texts: list[str]) -> list:
+    """Batches of sentences of similar length, so that little of each forward is padding."""
+    texts = sorted(texts, key=lambda t: (len(tokenizer(t)["input_ids"]), t))
     out = []
     for i in range(0, len(texts), BATCH):
         enc = tokenizer(texts[i:i + BATCH], padding=True, truncation=True, max_length=128, return_tensors="pt")

@@ -1,0 +1,218 @@
+"""The evaluator: restore is exact, memo costs no forward, cached weights give what a naive re-quantization gives."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import mpsearch.evaluator as evaluator_mod
+from mpsearch.metrics import cosine
+from mpsearch.models.digits import load_model as load_digits_model
+from mpsearch.quantize import quantize_weight
+
+
+def _fresh_candidate(ev, rng):
+    for _ in range(1000):
+        c = ev.space.random(rng)
+        if not ev.is_memoized(c):
+            return c
+    raise AssertionError("no unevaluated candidate found")
+
+
+def _naive_outputs(model, space, candidate, batches):
+    """Quantize a private copy layer by layer and run it: what the evaluator must reproduce."""
+    m = copy.deepcopy(model)
+    named = dict(m.named_modules())
+    with torch.no_grad():
+        for layer, bits in space.layer_bits(candidate).items():
+            w = named[layer].weight
+            w.copy_(quantize_weight(w.detach().clone(), bits, space.quantizer))
+    with torch.inference_mode():
+        outs = []
+        for x, _ in batches:
+            out = m(**x) if isinstance(x, dict) else m(x)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return torch.cat(outs)
+
+
+# ---- apply / restore --------------------------------------------------------------------------
+def test_digits_restore_is_bit_identical_to_the_shipped_weights(digits_evaluator):
+    ev = digits_evaluator
+    pristine = load_digits_model().state_dict()
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ev.apply(ev.space.random(rng))
+    ev.evaluate(ev.space.uniform(2))
+    # the weights really changed
+    state = ev.model.state_dict()
+    for layer in ev.space.layers:
+        assert not torch.equal(state[f"{layer}.weight"], pristine[f"{layer}.weight"]), layer
+    ev.validate(ev.space.random(rng))
+    ev.restore()
+    state = ev.model.state_dict()
+    assert state.keys() == pristine.keys()
+    for k, v in pristine.items():
+        assert torch.equal(state[k], v), k
+
+
+def test_minilm_restore_is_bit_identical(minilm_evaluator):
+    ev = minilm_evaluator
+    ev.restore()
+    before = {k: v.detach().clone() for k, v in ev.model.state_dict().items()}
+    rng = np.random.default_rng(1)
+    ev.apply(ev.space.lowest())
+    changed = [n for n in ev.space.layers if not torch.equal(ev.model.state_dict()[f"{n}.weight"], before[f"{n}.weight"])]
+    assert len(changed) == len(ev.space.layers)
+    ev.apply(ev.space.random(rng))
+    ev.evaluate(_fresh_candidate(ev, rng))
+    ev.restore()
+    after = ev.model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_apply_swaps_only_layers_whose_bits_change(digits_small_evaluator):
+    ev = digits_small_evaluator
+    space = ev.space
+    params = {n: dict(ev.model.named_modules())[n].weight for n in space.layers}
+    c1 = space.uniform(4)
+    ev.apply(c1)
+    ptr1 = {n: p.data_ptr() for n, p in params.items()}
+    c2 = (8,) + c1[1:]
+    ev.apply(c2)
+    ptr2 = {n: p.data_ptr() for n, p in params.items()}
+    first = space.decisions[0].layers
+    assert all(ptr2[n] != ptr1[n] for n in first)
+    assert all(ptr2[n] == ptr1[n] for n in params if n not in first)
+    assert torch.equal(params[first[0]].data, quantize_weight(ev.quantized_weight(first[0], 32), 8, space.quantizer))
+    ev.restore()
+
+
+# ---- memo --------------------------------------------------------------------------------------
+def test_memoized_score_costs_no_forward(digits_small_evaluator):
+    ev = digits_small_evaluator
+    c = _fresh_candidate(ev, np.random.default_rng(2))
+    n0 = ev.n_forward
+    first = ev.evaluate(c)
+    assert ev.n_forward == n0 + 1 and not first.cached
+    assert ev.is_memoized(c)
+    again = ev.evaluate(list(c))
+    assert ev.n_forward == n0 + 1
+    assert again.cached
+    assert (again.candidate, again.metric, again.size_bytes, again.avg_bits, again.wall_s) == (
+        first.candidate, first.metric, first.size_bytes, first.avg_bits, first.wall_s)
+    # the validation split is memoized separately
+    v1 = ev.validate(c)
+    assert ev.n_forward == n0 + 2
+    assert ev.validate(c) == v1
+    assert ev.n_forward == n0 + 2
+
+
+def test_memo_hit_does_not_touch_the_model(digits_small_evaluator):
+    ev = digits_small_evaluator
+    rng = np.random.default_rng(3)
+    a = _fresh_candidate(ev, rng)
+    ev.evaluate(a)
+    b = _fresh_candidate(ev, rng)
+    ev.evaluate(b)
+    ptrs = [p.data_ptr() for p in ev.model.parameters()]
+    n = ev.n_forward
+    ev.evaluate(a)
+    assert ev.n_forward == n
+    assert [p.data_ptr() for p in ev.model.parameters()] == ptrs
+    ev.restore()
+
+
+def test_remember_seeds_the_memo(digits_small_evaluator):
+    ev = digits_small_evaluator
+    c = _fresh_candidate(ev, np.random.default_rng(4))
+    fake = evaluator_mod.Evaluation(c, 123, 4.0, 0.5, 0.01)
+    ev.remember(fake)
+    n = ev.n_forward
+    got = ev.evaluate(c)
+    assert ev.n_forward == n and got.metric == 0.5 and got.cached
+
+
+# ---- the quantized-weight cache ------------------------------------------------------------
+def test_warm_cache_then_new_candidates_quantize_nothing(digits_small_evaluator, monkeypatch):
+    ev = digits_small_evaluator
+    ev.warm_cache()
+    for d in ev.space.decisions:
+        for n in d.layers:
+            for b in d.choices:
+                assert ev.quantized_weight(n, b) is ev.quantized_weight(n, b)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return quantize_weight(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator_mod, "quantize_weight", counting)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        ev.evaluate(_fresh_candidate(ev, rng))
+    assert calls == []
+    ev.restore()
+
+
+def test_evaluate_matches_naive_requantization_digits(digits_evaluator, digits_task):
+    ev = digits_evaluator
+    ev.restore()
+    pristine = load_digits_model()
+    targets = torch.cat([y for _, y in ev.calibration])
+    rng = np.random.default_rng(6)
+    for c in [ev.space.lowest(), ev.space.uniform(4)] + [ev.space.random(rng) for _ in range(4)]:
+        logits = _naive_outputs(pristine, ev.space, c, ev.calibration)
+        acc = (logits.argmax(-1) == targets).float().mean().item()
+        got = ev.evaluate(c)
+        assert got.metric == acc
+        assert got.size_bytes == ev.size_model.size_bytes(c)
+        assert got.avg_bits == pytest.approx(ev.size_model.avg_bits(c))
+    ev.restore()
+
+
+def test_evaluate_matches_naive_requantization_minilm(minilm_evaluator, minilm_task):
+    ev = minilm_evaluator
+    ev.restore()
+    c = _fresh_candidate(ev, np.random.default_rng(7))
+    with torch.inference_mode():
+        reference = torch.cat([minilm_task.model(**x) for x, _ in ev.calibration])
+    assert torch.equal(reference, ev.reference_outputs["calibration"])
+    quantized = _naive_outputs(minilm_task.model, ev.space, c, ev.calibration)
+    expected = cosine(quantized, reference)
+    got = ev.evaluate(c).metric
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert 0.5 < got < 1.0
+    ev.restore()
+
+
+# ---- quality of the built-in task under uniform quantization ---------------------------------
+def test_uniform_8bit_digits_within_half_a_point(digits_evaluator):
+    ev = digits_evaluator
+    u8 = ev.space.uniform(8)
+    assert abs(ev.evaluate(u8).metric - ev.reference_metric) <= 0.005
+    assert abs(ev.validate(u8) - ev.reference_validation_metric) <= 0.005
+    ev.restore()
+
+
+def test_reference_metric_is_the_full_precision_accuracy(digits_evaluator):
+    model = load_digits_model()
+    for split, ref in (("calibration", digits_evaluator.reference_metric),
+                       ("validation", digits_evaluator.reference_validation_metric)):
+        batches = getattr(digits_evaluator, split)
+        with torch.inference_mode():
+            pred = torch.cat([model(x).argmax(-1) for x, _ in batches])
+        y = torch.cat([y for _, y in batches])
+        assert ref == (pred == y).float().mean().item()
+
+
+def test_layer_error_uses_the_cached_weights(digits_evaluator):
+    ev = digits_evaluator
+    w = ev.quantized_weight("classifier.1", 32)
+    q = ev.quantized_weight("classifier.1", 3)
+    expected = float((w.double() - q.double()).pow(2).mean())
+    assert ev.layer_error("classifier.1", 3)["mse"] == pytest.approx(expected, rel=1e-12)
+    assert ev.layer_error("classifier.1", 3)["mse"] > ev.layer_error("classifier.1", 4)["mse"]
