@@ -194,7 +194,10 @@ def cmd_search(args) -> int:
     from .strategies import get_strategy
 
     out = _writable_dir(args.out)
-    strategy = get_strategy(args.strategy, **_options(args.option))
+    options = _options(args.option)
+    if args.workers and args.workers > 1 and args.strategy == "bayes":
+        options.setdefault("batch_size", args.workers)  # TPE constant liar: one candidate per worker
+    strategy = get_strategy(args.strategy, **options)
     termination = Termination(max_evals=args.max_evals, wall_s=args.wall_time)
     task, space, budget, evaluator = _setup(args)
     url = _storage_url(args, out)
