@@ -82,6 +82,24 @@ class SizeModel:
         s = self.size_bytes(candidate)
         return Size(s, self.avg_bits(candidate), self.full_precision_bytes / s)
 
+    def size_bytes_idx(self, idx: np.ndarray) -> np.ndarray:
+        """Sizes of many candidates at once, given as an (n, decisions) array of choice indices."""
+        idx = np.atleast_2d(idx)
+        total = np.full(len(idx), self.fixed_bytes, dtype=np.int64)
+        for d, t in enumerate(self.table):
+            total += t[idx[:, d]]
+        return total
+
+    def avg_bits_idx(self, idx: np.ndarray) -> np.ndarray:
+        """Average bits of many candidates at once (choice indices), same arithmetic as avg_bits."""
+        idx = np.atleast_2d(idx)
+        bits = np.full(len(idx), self.fixed_bits, dtype=np.int64)
+        for d, t in enumerate(self.bits_table):
+            bits += t[idx[:, d]]
+        if not self.total_count:
+            return np.full(len(idx), float(UNQUANTIZED_BITS))
+        return bits / self.total_count
+
     def weight_bits_cap(self, max_avg_bits: float) -> float:
         """The average-bits budget as a cap on total weight bits: sum(bits_table) <= this - fixed_bits."""
         return max_avg_bits * self.total_count - self.fixed_bits

@@ -1,0 +1,112 @@
+"""(b) minilm: every strategy at 300 evaluations under average-bit budgets, on validation fidelity.
+
+Each best plan's validation cosine is shown next to uniform quantization at the same size
+(the widest uniform width that fits) and next to llama.cpp's Q4_K_M-style rule (attention
+value and FFN down projections two bits wider in the first and last eighth of the layers
+and in every third layer between, as llama.cpp's use_more_bits does; others at the base
+width), for the widest base width whose size fits.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+import numpy as np
+import pandas as pd
+
+from common import RESULTS, STRATEGIES, Timer, run, setup, write_table
+from mpsearch.budget import Budget
+from mpsearch.report import front_trials, plot_front
+
+OUT = RESULTS / "minilm"
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's rule for which layers' attn_v / ffn_down get more bits (integer division as in C)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def q4km_style(space, base: int):
+    n_layers = 1 + max(int(m.group(1)) for d in space.decisions if (m := re.search(r"layer\.(\d+)\.", d.name)))
+    high = {4: 6, 3: 5, 2: 4, 5: 8, 6: 8}.get(base, base)
+    cand = []
+    for d in space.decisions:
+        m = re.search(r"layer\.(\d+)\.(attention\.self\.value|output\.dense)$", d.name)
+        bits = high if m and use_more_bits(int(m.group(1)), n_layers) else base
+        cand.append(bits if bits in d.choices else base)
+    return tuple(cand)
+
+
+def widest_fitting(ev, candidates, max_bytes):
+    fitting = [c for c in candidates if ev.size_model.size_bytes(c) <= max_bytes]
+    return max(fitting, key=lambda c: ev.size_model.size_bytes(c)) if fitting else None
+
+
+def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int) -> None:
+    with Timer() as total:
+        task, space, ev = setup("minilm")
+        ev.warm_cache()
+        uniforms = [space.uniform(b) for b in space.uniform_bits()]
+        rules = [q4km_style(space, b) for b in space.uniform_bits() if b <= 6]
+        rows, fronts = [], {}
+        for b in budgets:
+            n_seeds = seeds if b == max(budgets) else extra_seeds
+            for strategy in STRATEGIES:
+                for seed in range(n_seeds):
+                    r = run(space, ev, strategy, seed, max_evals, Budget(max_avg_bits=b))
+                    best = r.best()
+                    row = {"budget_avg_bits": b, "strategy": strategy, "seed": seed, "n_evals": r.n_evals,
+                           "wall_s": round(r.wall_s, 1), "strategy_s": round(r.strategy_s, 2),
+                           "strategy_share": round(r.strategy_s / r.wall_s, 4) if r.wall_s else np.nan}
+                    if best is not None:
+                        row.update({"avg_bits": round(best.avg_bits, 4), "size_mb": round(best.size_bytes / 1e6, 4),
+                                    "cal_cosine": round(best.metric, 4),
+                                    "val_cosine": round(ev.validate(best.candidate), 4)})
+                        u = widest_fitting(ev, uniforms, best.size_bytes)
+                        q = widest_fitting(ev, rules, best.size_bytes)
+                        row["uniform_same_size"] = f"W{u[0]}: {ev.validate(u):.4f}" if u else "—"
+                        row["q4km_style_same_size"] = (f"{ev.size_model.avg_bits(q):.2f} bits: {ev.validate(q):.4f}"
+                                                       if q else "—")
+                    rows.append(row)
+                    print(row, flush=True)
+                    if b == max(budgets) and seed == 0:
+                        fronts[strategy] = front_trials(r)
+        baselines = []
+        for name, c in [(f"uniform W{c[0]}", c) for c in uniforms] + [
+                (f"Q4_K_M-style base {min(c)}", c) for c in rules]:
+            e = ev.evaluate(c)
+            baselines.append({"baseline": name, "avg_bits": round(e.avg_bits, 4), "size_mb": round(e.size_bytes / 1e6, 4),
+                              "cal_cosine": round(e.metric, 4), "val_cosine": round(ev.validate(c), 4)})
+        ev.restore()
+        runs = pd.DataFrame(rows)
+        OUT.mkdir(parents=True, exist_ok=True)
+        plot_front(OUT / "fronts.png", fronts, ev.full_precision_bytes,
+                   "cosine", ev.reference_metric, uniform=[ev.evaluate(c) for c in uniforms],
+                   budget_bytes=None, title=f"minilm: evaluated fronts at <= {max(budgets):g} avg bits (seed 0)")
+        ev.restore()
+    notes = (f"all-MiniLM-L6-v2, {space.n_decisions} decisions x {{2,3,4,5,6,8}} bits, symmetric per-channel "
+             f"round-to-nearest; {max_evals} evaluations per run; cosine of sentence embeddings to full precision on "
+             f"{task.meta['n_calibration']} calibration and {task.meta['n_validation']} validation sentences. "
+             f"{seeds} seeds at {max(budgets):g} average bits, {extra_seeds} at the other budgets. "
+             "val_cosine is the best plan's validation fidelity; uniform_same_size and q4km_style_same_size are the "
+             "widest baseline that is no larger than that plan. strategy_share: time in ask/tell over wall time.")
+    write_table(runs, OUT, "runs", "minilm: best plans under average-bit budgets", notes, total.s)
+    write_table(pd.DataFrame(baselines), OUT, "baselines", "minilm: uniform and Q4_K_M-style baselines",
+                "Validation cosine to full precision.", total.s)
+    agg = (runs.groupby(["budget_avg_bits", "strategy"], sort=False)
+           .agg(runs=("seed", "count"), val_cosine_median=("val_cosine", "median"), val_cosine_min=("val_cosine", "min"),
+                val_cosine_max=("val_cosine", "max"), avg_bits_median=("avg_bits", "median"),
+                strategy_share_max=("strategy_share", "max"))
+           .reset_index())
+    write_table(agg, OUT, "summary", "minilm: validation fidelity of the best plan per strategy", notes, total.s)
+    print(f"wrote {OUT} in {total.s:.0f} s")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--extra-seeds", type=int, default=1)
+    p.add_argument("--max-evals", type=int, default=300)
+    p.add_argument("--budgets", default="3.0,3.5,4.0")
+    a = p.parse_args()
+    main(a.seeds, a.max_evals, [float(x) for x in a.budgets.split(",")], a.extra_seeds)

@@ -1,0 +1,194 @@
+"""Bayesian / model-based search with Optuna: multivariate TPE (default), GP or NSGA-II.
+
+The strategy owns an in-memory optuna study and drives it with ``ask``/``tell``. Each
+decision is an ordered integer index (``suggest_int(name, 0, n_choices - 1)``) so the
+samplers see that 3 bits lies between 2 and 4.
+
+* Budget mode: one objective (maximise the metric) and one constraint per trial,
+  ``trial.set_constraint("size", excess)`` with excess = relative size over the budget
+  (<= 0 feasible; optuna 5 replaced ``constraints_func`` with this). A suggestion that
+  misses the budget is never evaluated: it is told to the study as infeasible (free),
+  and, with ``repair=True``, its repair on the exact size tables (lower the decisions
+  that save the most bytes per unit of quantisation-noise proxy) is enqueued instead.
+* Front mode (no budget): two objectives, minimise size (fraction of full precision)
+  and maximise the metric.
+
+A suggestion that was evaluated before is told its known values (free) and the study is
+asked again, at most ``max_retries`` times per candidate; after that a random new
+(feasible) candidate is enqueued.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from ..evaluator import Evaluation
+from ..space import Candidate
+from .base import Strategy, register
+from .pso import SizeTables
+
+SAMPLERS = ("tpe", "gp", "nsga2")
+
+
+@contextlib.contextmanager
+def _quiet():
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+@register
+class Bayes(Strategy):
+    """Optuna samplers over ordered bit-width indices, with exact budget constraints."""
+
+    name = "bayes"
+    batch_hint = False
+
+    def __init__(self, sampler: str = "tpe", batch_size: int = 1, warm_start: str | Sequence | None = "uniform",
+                 repair: bool = True, max_retries: int = 20, n_startup_trials: int | None = None,
+                 population_size: int | None = None):
+        super().__init__(sampler=sampler, batch_size=batch_size, warm_start=warm_start, repair=repair,
+                         max_retries=max_retries, n_startup_trials=n_startup_trials, population_size=population_size)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if int(batch_size) < 1:
+            raise ValueError("batch_size must be at least 1")
+        if isinstance(warm_start, str) and warm_start != "uniform":
+            raise ValueError(f"warm_start must be 'uniform', a list of candidates or None, got {warm_start!r}")
+        self.sampler_name = sampler
+        self.batch_size = int(batch_size)
+        self.warm_start = warm_start
+        self.do_repair = bool(repair)
+        self.max_retries = int(max_retries)
+        self.n_startup_trials = n_startup_trials
+        self.population_size = population_size
+
+    # ---- set-up ------------------------------------------------------------------------
+    def _make_sampler(self):
+        import optuna
+
+        seed = int(self.rng.integers(2**31 - 1))
+        kw = {} if self.n_startup_trials is None else {"n_startup_trials": int(self.n_startup_trials)}
+        if self.sampler_name == "tpe":
+            return optuna.samplers.TPESampler(multivariate=True, seed=seed, constant_liar=self.batch_size > 1, **kw)
+        if self.sampler_name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True, **kw)
+        pop = self.population_size or max(10, min(50, 4 * self.space.n_decisions))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=int(pop))
+
+    def start(self):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.tab = SizeTables(self.ctx)
+        self.front_mode = self.ctx.budget is None
+        self.names = [f"d{j}" for j in range(self.space.n_decisions)]
+        self.fp_bytes = float(self.ctx.size.full_precision_bytes)
+        with _quiet():
+            self.sampler = self._make_sampler()
+            directions = ["minimize", "maximize"] if self.front_mode else ["maximize"]
+            self.study = optuna.create_study(sampler=self.sampler, directions=directions)
+        self.archive: dict[Candidate, Evaluation] = {}
+        self.pending: dict[Candidate, object] = {}
+        self.n_free = 0  # trials told without an evaluation (infeasible or known)
+        warm: list = []
+        if self.warm_start == "uniform":
+            warm = [self.space.uniform(b) for b in sorted(self.space.uniform_bits(), reverse=True)]
+            warm = [c for c in warm if c is not None and self.feasible(c)]
+        elif self.warm_start is not None:
+            warm = [self.space.validate(c) for c in self.warm_start]
+        for c in warm:
+            self._enqueue(c)
+
+    def _enqueue(self, cand: Sequence[int]) -> None:
+        idx = self.space.encode(cand)
+        self.study.enqueue_trial(dict(zip(self.names, (int(i) for i in idx))))
+
+    # ---- values told to optuna -----------------------------------------------------------
+    def _values(self, ev: Evaluation):
+        if self.front_mode:
+            return [ev.size_bytes / self.fp_bytes, float(ev.metric)]
+        return float(ev.metric)
+
+    def _worst(self) -> float:
+        if self.archive:
+            return float(min(e.metric for e in self.archive.values()))
+        ref = float(self.ctx.reference_metric)
+        return ref - 1.0 - abs(ref)
+
+    def _tell(self, trial, idx: np.ndarray, ev: Evaluation | None) -> None:
+        if not self.front_mode:
+            trial.set_constraint("size", float(self.tab.excess(idx[None])[0]))
+        self.study.tell(trial, self._values(ev) if ev is not None else self._worst())
+
+    # ---- ask / tell ----------------------------------------------------------------------
+    def ask(self) -> list[Candidate]:
+        out: list[Candidate] = []
+        with _quiet():
+            while len(out) < self.batch_size:
+                c = self._next()
+                if c is None:
+                    break
+                out.append(c)
+        return self.new(out)
+
+    def _suggest(self):
+        trial = self.study.ask()
+        idx = np.array([trial.suggest_int(n, 0, k - 1) for n, k in zip(self.names, self.space.n_choices)],
+                       dtype=np.int64)
+        return trial, idx
+
+    def _next(self) -> Candidate | None:
+        from optuna.trial import TrialState
+
+        for attempt in range(self.max_retries + 100):
+            if attempt >= self.max_retries:
+                # the sampler keeps proposing known points: enqueue a random new candidate (the queue
+                # is first-in first-out, so older entries may come first and are answered for free)
+                c = self._random_new()
+                if c is None:
+                    return None
+                self._enqueue(c)
+            trial, idx = self._suggest()
+            cand = self.space.decode(idx)
+            if not self.feasible(cand):
+                self._tell(trial, idx, None)  # infeasible: told for free, never evaluated
+                self.n_free += 1
+                if self.do_repair:
+                    self._enqueue(self.space.decode(self.tab.repair(idx)))
+                continue
+            if cand in self.archive:
+                self._tell(trial, idx, self.archive[cand])  # known: its values again, for free
+                self.n_free += 1
+                continue
+            if cand in self.pending or cand in self.seen:
+                self.study.tell(trial, state=TrialState.FAIL)  # asked in this batch, answer not in yet
+                continue
+            self.pending[cand] = trial
+            return cand
+        return None
+
+    def _random_new(self) -> Candidate | None:
+        for _ in range(10_000):
+            c = self.space.random(self.rng)
+            if not self.feasible(c):
+                c = self.space.decode(self.tab.repair(self.space.encode(c)))
+            if self.feasible(c) and c not in self.seen and c not in self.pending:
+                return c
+        return None
+
+    def tell(self, results: list[Evaluation]) -> None:
+        super().tell(results)
+        with _quiet():
+            for r in results:
+                cand = tuple(r.candidate)
+                self.archive[cand] = r
+                trial = self.pending.pop(cand, None)
+                if trial is not None:
+                    self._tell(trial, np.array(self.space.encode(cand), dtype=np.int64), r)
