@@ -42,35 +42,44 @@ def widest_fitting(ev, candidates, max_bytes):
     return max(fitting, key=lambda c: ev.size_model.size_bytes(c)) if fitting else None
 
 
-def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int) -> None:
+def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int, extra_strategies: list[str],
+         clip_strategies: list[str]) -> None:
     with Timer() as total:
         task, space, ev = setup("minilm")
         ev.warm_cache()
         uniforms = [space.uniform(b) for b in space.uniform_bits()]
         rules = [q4km_style(space, b) for b in space.uniform_bits() if b <= 6]
         rows, fronts = [], {}
-        for b in budgets:
-            n_seeds = seeds if b == max(budgets) else extra_seeds
-            for strategy in STRATEGIES:
-                for seed in range(n_seeds):
-                    r = run(space, ev, strategy, seed, max_evals, Budget(max_avg_bits=b))
-                    best = r.best()
-                    row = {"budget_avg_bits": b, "strategy": strategy, "seed": seed, "n_evals": r.n_evals,
-                           "wall_s": round(r.wall_s, 1), "strategy_s": round(r.strategy_s, 2),
-                           "strategy_share": round(r.strategy_s / r.wall_s, 4) if r.wall_s else np.nan}
-                    if best is not None:
-                        row.update({"avg_bits": round(best.avg_bits, 4), "size_mb": round(best.size_bytes / 1e6, 4),
-                                    "cal_cosine": round(best.metric, 4),
-                                    "val_cosine": round(ev.validate(best.candidate), 4)})
-                        u = widest_fitting(ev, uniforms, best.size_bytes)
-                        q = widest_fitting(ev, rules, best.size_bytes)
-                        row["uniform_same_size"] = f"W{u[0]}: {ev.validate(u):.4f}" if u else "—"
-                        row["q4km_style_same_size"] = (f"{ev.size_model.avg_bits(q):.2f} bits: {ev.validate(q):.4f}"
-                                                       if q else "—")
-                    rows.append(row)
-                    print(row, flush=True)
-                    if b == max(budgets) and seed == 0:
-                        fronts[strategy] = front_trials(r)
+        plan = [("minilm.yaml", b, s, seed) for b in budgets
+                for s in (STRATEGIES if b == max(budgets) else extra_strategies)
+                for seed in range(seeds if b == max(budgets) else extra_seeds)]
+        plan += [("minilm_clip.yaml", max(budgets), s, 0) for s in clip_strategies]
+        main_pair, clip_pair = (space, ev), None
+        for space_file, b, strategy, seed in plan:
+            if space_file == "minilm_clip.yaml" and clip_pair is None:
+                clip_pair = setup("minilm", "minilm_clip")[1:]
+            space, ev = clip_pair if space_file == "minilm_clip.yaml" else main_pair
+            r = run(space, ev, strategy, seed, max_evals, Budget(max_avg_bits=b))
+            best = r.best()
+            row = {"space": space_file, "budget_avg_bits": b, "strategy": strategy, "seed": seed, "n_evals": r.n_evals,
+                   "wall_s": round(r.wall_s, 1), "strategy_s": round(r.strategy_s, 2),
+                   "strategy_share": round(r.strategy_s / r.wall_s, 4) if r.wall_s else np.nan}
+            if best is not None:
+                row.update({"avg_bits": round(best.avg_bits, 4), "size_mb": round(best.size_bytes / 1e6, 4),
+                            "cal_cosine": round(best.metric, 4),
+                            "val_cosine": round(ev.validate(best.candidate), 4)})
+                u = widest_fitting(ev, uniforms, best.size_bytes)
+                q = widest_fitting(ev, rules, best.size_bytes)
+                row["uniform_same_size"] = f"W{u[0]}: {ev.validate(u):.4f}" if u else "—"
+                row["q4km_style_same_size"] = (f"{ev.size_model.avg_bits(q):.2f} bits: {ev.validate(q):.4f}"
+                                               if q else "—")
+            rows.append(row)
+            print(row, flush=True)
+            if b == max(budgets) and seed == 0 and space_file == "minilm.yaml":
+                fronts[strategy] = front_trials(r)
+        if clip_pair is not None:
+            clip_pair[1].restore()
+        space, ev = main_pair
         baselines = []
         for name, c in [(f"uniform W{c[0]}", c) for c in uniforms] + [
                 (f"Q4_K_M-style base {min(c)}", c) for c in rules]:
@@ -87,13 +96,15 @@ def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int) -> 
     notes = (f"all-MiniLM-L6-v2, {space.n_decisions} decisions x {{2,3,4,5,6,8}} bits, symmetric per-channel "
              f"round-to-nearest; {max_evals} evaluations per run; cosine of sentence embeddings to full precision on "
              f"{task.meta['n_calibration']} calibration and {task.meta['n_validation']} validation sentences. "
-             f"{seeds} seeds at {max(budgets):g} average bits, {extra_seeds} at the other budgets. "
+             f"{seeds} seeds at {max(budgets):g} average bits, {extra_seeds} at the other budgets "
+             f"({', '.join(extra_strategies)}). minilm_clip.yaml is the same space with the MSE clipping search "
+             "(same storage format and size), run once per strategy listed. "
              "val_cosine is the best plan's validation fidelity; uniform_same_size and q4km_style_same_size are the "
              "widest baseline that is no larger than that plan. strategy_share: time in ask/tell over wall time.")
     write_table(runs, OUT, "runs", "minilm: best plans under average-bit budgets", notes, total.s)
     write_table(pd.DataFrame(baselines), OUT, "baselines", "minilm: uniform and Q4_K_M-style baselines",
                 "Validation cosine to full precision.", total.s)
-    agg = (runs.groupby(["budget_avg_bits", "strategy"], sort=False)
+    agg = (runs.groupby(["space", "budget_avg_bits", "strategy"], sort=False)
            .agg(runs=("seed", "count"), val_cosine_median=("val_cosine", "median"), val_cosine_min=("val_cosine", "min"),
                 val_cosine_max=("val_cosine", "max"), avg_bits_median=("avg_bits", "median"),
                 strategy_share_max=("strategy_share", "max"))
@@ -108,5 +119,8 @@ if __name__ == "__main__":
     p.add_argument("--extra-seeds", type=int, default=1)
     p.add_argument("--max-evals", type=int, default=300)
     p.add_argument("--budgets", default="3.0,3.5,4.0")
+    p.add_argument("--extra-strategies", default="greedy,pso,ilp", help="strategies at the budgets below the largest")
+    p.add_argument("--clip-strategies", default="greedy,pso", help="strategies run on minilm_clip.yaml")
     a = p.parse_args()
-    main(a.seeds, a.max_evals, [float(x) for x in a.budgets.split(",")], a.extra_seeds)
+    main(a.seeds, a.max_evals, [float(x) for x in a.budgets.split(",")], a.extra_seeds,
+         [s for s in a.extra_strategies.split(",") if s], [s for s in a.clip_strategies.split(",") if s])

@@ -7,14 +7,15 @@ among candidates the proxy cannot tell apart, the one with more bits is taken.
 Constraints, from the exact size tables:
 
 - bytes: ``fixed_bytes + sum table[d][i] x[d, i] <= max_bytes``;
-- average bits: ``sum n_d (b_i - B) x[d, i] <= B * fixed_count - fixed_bits`` over quantized
-  choices (unquantized ones count neither bits nor weights), which is ``avg_bits <= B``
-  multiplied out.
+- average bits: ``sum bits_table[d][i] x[d, i] <= B * total_count - fixed_bits``, which is
+  ``avg_bits <= B`` multiplied out.
 
 Budget mode: the proxy optimum is evaluated first. Then the best real feasible candidate
 is expanded: for each decision and each other choice of it, the proxy-best candidate within
-the budget with the decision forced there (one variable's lower bound set to 1), evaluated
-in proxy order; the incumbent moves whenever a real evaluation beats it.
+the budget with the decision forced there (one variable's lower bound set to 1). The pairs
+are taken in order of the proxy change of moving that decision alone and solved lazily, a
+batch at a time, so the solver runs about once per evaluation; the incumbent moves
+whenever a real evaluation beats it.
 Front mode: the byte limit is swept evenly between the smallest and the largest model,
 then at midpoints while new solutions keep appearing; afterwards the real front's points
 are expanded the same way, at their own size.
@@ -31,7 +32,6 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from ..quantize import UNQUANTIZED_BITS
 from ..space import Candidate
 from .base import register
 from .sensitivity import SensitivityStrategy
@@ -134,20 +134,12 @@ class ILP(SensitivityStrategy):
             return None  # the solver's tolerance let a row slip
         return c
 
-    def expand(self, parent: Candidate, max_bytes: int | None, max_avg_bits: float | None) -> list[Candidate]:
-        """For each decision and each other choice of it, the proxy-best candidate under the limits
-        with that decision at that choice: exact conditional optima around the parent, in proxy order."""
+    def expansion_order(self, parent: Candidate) -> list[tuple[int, int]]:
+        """(decision, choice) pairs to force around the parent, most promising first by the change in
+        proxy of moving that decision alone; each is solved only when its turn comes."""
         idx = self.space.encode(parent)
-        out: list[Candidate] = []
-        for d, i in enumerate(idx):
-            for j in range(self.space.decisions[d].n_choices):
-                if j == i:
-                    continue
-                c = self.solve(max_bytes, max_avg_bits, force=((d, j),))
-                if c is not None and c not in out and c not in self.seen:
-                    out.append(c)
-        out.sort(key=lambda c: (self.objective_of(c), c))
-        return out
+        pairs = [(d, j) for d, i in enumerate(idx) for j in range(self.space.decisions[d].n_choices) if j != i]
+        return sorted(pairs, key=lambda p: (self.objective_table[p[0]][p[1]] - self.objective_table[p[0]][idx[p[0]]], p))
 
     # ---- asking ---------------------------------------------------------------------------------
     def phase2_ask(self) -> list[Candidate]:
@@ -163,15 +155,16 @@ class ILP(SensitivityStrategy):
         return self.batch_size if rem is None else max(1, min(self.batch_size, rem))
 
     def _ask_expansions(self, parents: list[Candidate], limits) -> list[Candidate]:
-        """Next unasked expansions of the first parent (best real quality first) that still has some."""
+        """Next unasked expansions of the first parent (best real quality first) that still has some:
+        for each forced (decision, choice), the proxy-best candidate under the limits."""
         out: list[Candidate] = []
         for p in parents:
             if p not in self._queue:
-                self._queue[p] = self.expand(p, *limits(p))
+                self._queue[p] = self.expansion_order(p)
             q = self._queue[p]
             while q and len(out) < self._batch():
-                c = q.pop(0)
-                if c not in self.seen:
+                c = self.solve(*limits(p), force=(q.pop(0),))
+                if c is not None and c not in self.seen:
                     self.solutions.append(c)
                     out.extend(self.new([c]))
             if out:
