@@ -77,9 +77,14 @@ def plot_front(path: Path, fronts: dict[str, Sequence], full_precision_bytes: in
         ax.axhline(reference_metric, ls=":", c="k", lw=0.8, label="full precision")
     if budget_bytes is not None:
         ax.axvline(budget_bytes / 1e6, ls="--", c="r", lw=0.8, label="budget")
-    ax.set_xlabel("size (MB)")
-    ax.set_ylabel(metric_name)
-    ax.set_title(title or f"Pareto front (full precision {full_precision_bytes / 1e6:.3g} MB)")
+    return _finish(plt, fig, ax, path, "size (MB)", metric_name,
+                   title or f"Pareto front (full precision {full_precision_bytes / 1e6:.3g} MB)")
+
+
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -103,15 +108,8 @@ def plot_hypervolume(path: Path, curves: dict[str, list[list[float]]], title: st
         ax.plot(x, np.median(arr, axis=0), label=label)
         if len(runs) > 1:
             ax.fill_between(x, arr.min(axis=0), arr.max(axis=0), alpha=0.15)
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("hypervolume (normalised size x quality)")
-    ax.set_title(title or "Hypervolume against evaluations (median, min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "evaluations", "hypervolume (normalised size x quality)",
+                   title or "Hypervolume against evaluations (median, min-max over seeds)")
 
 
 def evals_to_reach(curve: Sequence[float], target: float) -> float:
