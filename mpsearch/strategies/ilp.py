@@ -26,6 +26,9 @@ or forcing one variable through its bound costs nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 
 import numpy as np
@@ -38,6 +41,25 @@ from .sensitivity import SensitivityStrategy
 
 TIE_BREAK = 1e-3  # tie-break weight, relative to the smallest positive loss
 MIN_NEW_SHARE = 0.25  # a midpoint round that finds fewer new solutions than this share ends the sweep
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS (inside scipy) sometimes prints a debug line to the C-level stdout that no option silences."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 @register
@@ -121,8 +143,9 @@ class ILP(SensitivityStrategy):
         for d, i in force:
             lb[self.offsets[d] + i] = 1.0
         t0 = time.perf_counter()
-        res = milp(self.c, constraints=self._constraints(max_bytes, max_avg_bits), integrality=np.ones(len(self.c)),
-                   bounds=Bounds(lb, 1), options={"time_limit": self.time_limit, "mip_rel_gap": 0.0})
+        with _quiet_stdout():
+            res = milp(self.c, constraints=self._constraints(max_bytes, max_avg_bits), integrality=np.ones(len(self.c)),
+                       bounds=Bounds(lb, 1), options={"time_limit": self.time_limit, "mip_rel_gap": 0.0})
         self.solve_s += time.perf_counter() - t0
         self.n_solves += 1
         if res.x is None:
