@@ -77,6 +77,7 @@ class ILP(SensitivityStrategy):
         self.optimum: Candidate | None = None  # budget mode: the proxy optimum
         self.n_solves = 0
         self.solve_s = 0.0
+        self._solved: dict[tuple, Candidate | None] = {}
         self._levels_done: list[int] = []
         self._pending_levels: list[int] = []
         self._round_new = 0
@@ -139,6 +140,13 @@ class ILP(SensitivityStrategy):
         each pair in ``force``; None when there is none."""
         if len(self.c) == 0:
             return None
+        key = (max_bytes, max_avg_bits, tuple(sorted(force)))
+        if key in self._solved:  # the same program again (another parent forcing the same pair)
+            return self._solved[key]
+        self._solved[key] = c = self._solve(max_bytes, max_avg_bits, force)
+        return c
+
+    def _solve(self, max_bytes, max_avg_bits, force) -> Candidate | None:
         lb = np.zeros(len(self.c))
         for d, i in force:
             lb[self.offsets[d] + i] = 1.0
