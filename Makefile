@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/mpsearch search --model digits --strategy pso --max-evals 200 --avg-bits 3 --seed 0 --out $(DEMO_OUT)
+	$(VENV)/bin/mpsearch search --model digits --strategy pso --max-evals 200 --avg-bits 2.5 --seed 0 --out $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest -q
