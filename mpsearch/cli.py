@@ -254,7 +254,8 @@ def cmd_search(args) -> int:
         plan.save(out / "plan.json")
         p = plan.predicted
         summary["best"] = {"size_bytes": p["size_bytes"], "avg_bits": p["avg_bits"],
-                           "compression_ratio": p["compression_ratio"], "metric": p["metric"],
+                           "compression_ratio": p["compression_ratio"], "bops_per_sample": p["bops_per_sample"],
+                           "metric": p["metric"],
                            "validation_metric": p["validation_metric"], "point": plan.provenance["point"]}
         uc = _uniform_at_size(space, evaluator, p["size_bytes"])
         if uc is not None:

@@ -70,17 +70,22 @@ class SizeModel:
         self.activation_bits = activation_bits
 
     def size_bytes(self, candidate: Sequence[int]) -> int:
-        idx = self.space.encode(candidate)
-        return int(self.fixed_bytes + sum(int(t[i]) for t, i in zip(self.table, idx)))
+        return self._bytes(self.space.encode(candidate))
 
     def avg_bits(self, candidate: Sequence[int]) -> float:
-        idx = self.space.encode(candidate)
-        bits = self.fixed_bits + sum(int(t[i]) for t, i in zip(self.bits_table, idx))
-        return bits / self.total_count if self.total_count else float(UNQUANTIZED_BITS)
+        return self._avg_bits(self.space.encode(candidate))
 
     def size(self, candidate: Sequence[int]) -> Size:
-        s = self.size_bytes(candidate)
-        return Size(s, self.avg_bits(candidate), self.full_precision_bytes / s)
+        idx = self.space.encode(candidate)  # once: this runs for every evaluation
+        s = self._bytes(idx)
+        return Size(s, self._avg_bits(idx), self.full_precision_bytes / s)
+
+    def _bytes(self, idx: Sequence[int]) -> int:
+        return int(self.fixed_bytes + sum(int(t[i]) for t, i in zip(self.table, idx)))
+
+    def _avg_bits(self, idx: Sequence[int]) -> float:
+        bits = self.fixed_bits + sum(int(t[i]) for t, i in zip(self.bits_table, idx))
+        return bits / self.total_count if self.total_count else float(UNQUANTIZED_BITS)
 
     def size_bytes_idx(self, idx: np.ndarray) -> np.ndarray:
         """Sizes of many candidates at once, given as an (n, decisions) array of choice indices."""

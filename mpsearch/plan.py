@@ -64,6 +64,7 @@ class QuantizationPlan:
             "avg_bits": round(size.avg_bits, 6),
             "compression_ratio": round(size.compression_ratio, 6),
             "full_precision_bytes": evaluator.full_precision_bytes,
+            "bops_per_sample": evaluator.size_model.bops(candidate),
             "metric_name": evaluator.metric.name,
             "metric": metric,
             "reference_metric": evaluator.reference_metric,

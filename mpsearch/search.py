@@ -153,13 +153,13 @@ def search(
             result.storage_s += time.perf_counter() - t0
         result.trials.append(trial)
         asked[trial.candidate] = ev
-        nonlocal front
-        f = ParetoFront(front + [trial], result.full_precision_bytes, result.reference_metric, result.normalize)
-        front = f.points
-        if budget is not None and budget.feasible(evaluator.size_model, trial.candidate):
-            if best[0] is None or trial.metric > best[0].metric:
-                best[0] = trial
-        if bar is not None:
+        if bar is not None:  # the running front and best only feed the progress bar
+            nonlocal front
+            f = ParetoFront(front + [trial], result.full_precision_bytes, result.reference_metric, result.normalize)
+            front = f.points
+            if budget is not None and budget.feasible(evaluator.size_model, trial.candidate):
+                if best[0] is None or trial.metric > best[0].metric:
+                    best[0] = trial
             post = {"hv": f"{f.hypervolume():.4f}"}
             if best[0] is not None:
                 post["best"] = f"{best[0].metric:.4f}"
