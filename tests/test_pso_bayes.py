@@ -137,6 +137,24 @@ def test_bayes_tpe_budget_run(digits_small_space, digits_small_evaluator):
     assert r.best().metric >= 0.98
 
 
+def test_bayes_asks_the_sampler_about_once_per_evaluation(digits_small_space, digits_small_evaluator):
+    """A known or pending suggestion enqueues a near new candidate instead of asking TPE again (the costly part)."""
+    s = get_strategy("bayes")
+    r = search(digits_small_space, digits_small_evaluator, s, Termination(max_evals=80), seed=0, budget=BUDGET)
+    check_run(r, 80)
+    trials = s.study.trials
+    sampled = [t for t in trials if "fixed_params" not in t.system_attrs]
+    infeasible = [t for t in sampled if (t.constraints or {}).get("size", 0) > 0]
+    known = s.n_free - len(infeasible)
+    assert known > 0, "the run never re-proposed a known candidate, so this test checks nothing"
+    assert len(sampled) <= r.n_evals + len(infeasible)
+    # TPE's coordinates are in [0, n_choices) and floor to the evaluated indices
+    for t in trials:
+        if t.state.name == "COMPLETE" and not ((t.constraints or {}).get("size", 0) > 0):
+            idx = [int(t.params[f"d{j}"]) for j in range(digits_small_space.n_decisions)]
+            assert digits_small_space.decode(idx) in s.archive
+
+
 def test_bayes_deterministic_and_seeded(digits_small_space, digits_small_evaluator):
     a = run(digits_small_space, digits_small_evaluator, "bayes", 25, seed=0)
     b = run(digits_small_space, digits_small_evaluator, "bayes", 25, seed=0)

@@ -1,8 +1,13 @@
 """Bayesian / model-based search with Optuna: multivariate TPE (default), GP or NSGA-II.
 
 The strategy owns an in-memory optuna study and drives it with ``ask``/``tell``. Each
-decision is an ordered integer index (``suggest_int(name, 0, n_choices - 1)``) so the
-samplers see that 3 bits lies between 2 and 4.
+decision is an ordered choice index, so the samplers see that 3 bits lies between 2 and
+4: for GP and NSGA-II an integer (``suggest_int(name, 0, n_choices - 1)``); for TPE a
+coordinate in ``[0, n_choices)`` floored to the index, the encoding pso uses. Optuna's
+discrete TPE kernels evaluate a truncated-normal mass per kernel, per dimension and per
+candidate, in Python: on minilm's 39 decisions an ask took about 20 ms at 300 trials
+(float kernels: about 12 ms, with 12 instead of 24 expected-improvement candidates about
+9 ms), against 250 ms per evaluation, which put bayes over the 5% overhead target.
 
 * Budget mode: one objective (maximise the metric) and one constraint per trial,
   ``trial.set_constraint("size", excess)`` with excess = relative size over the budget
@@ -13,9 +18,10 @@ samplers see that 3 bits lies between 2 and 4.
 * Front mode (no budget): two objectives, minimise size (fraction of full precision)
   and maximise the metric.
 
-A suggestion that was evaluated before is told its known values (free) and the study is
-asked again, at most ``max_retries`` times per candidate; after that a random new
-(feasible) candidate is enqueued.
+A suggestion that was evaluated before is told its known values (free) and, instead of
+asking the sampler again (the costly part), the nearest candidate not yet asked is
+enqueued: one decision moved one step, then two, then a random new feasible candidate.
+So each sampled ask leads to one evaluation.
 """
 from __future__ import annotations
 
@@ -52,9 +58,10 @@ class Bayes(Strategy):
 
     def __init__(self, sampler: str = "tpe", batch_size: int = 1, warm_start: str | Sequence | None = "uniform",
                  repair: bool = True, max_retries: int = 20, n_startup_trials: int | None = None,
-                 population_size: int | None = None):
+                 population_size: int | None = None, n_ei_candidates: int = 12):
         super().__init__(sampler=sampler, batch_size=batch_size, warm_start=warm_start, repair=repair,
-                         max_retries=max_retries, n_startup_trials=n_startup_trials, population_size=population_size)
+                         max_retries=max_retries, n_startup_trials=n_startup_trials, population_size=population_size,
+                         n_ei_candidates=n_ei_candidates)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if int(batch_size) < 1:
@@ -68,6 +75,8 @@ class Bayes(Strategy):
         self.max_retries = int(max_retries)
         self.n_startup_trials = n_startup_trials
         self.population_size = population_size
+        self.n_ei_candidates = int(n_ei_candidates)
+        self.continuous = sampler == "tpe"  # see the module docstring
 
     # ---- set-up ------------------------------------------------------------------------
     def _make_sampler(self):
@@ -76,7 +85,8 @@ class Bayes(Strategy):
         seed = int(self.rng.integers(2**31 - 1))
         kw = {} if self.n_startup_trials is None else {"n_startup_trials": int(self.n_startup_trials)}
         if self.sampler_name == "tpe":
-            return optuna.samplers.TPESampler(multivariate=True, seed=seed, constant_liar=self.batch_size > 1, **kw)
+            return optuna.samplers.TPESampler(multivariate=True, seed=seed, constant_liar=self.batch_size > 1,
+                                              n_ei_candidates=self.n_ei_candidates, **kw)
         if self.sampler_name == "gp":
             return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True, **kw)
         pop = self.population_size or max(10, min(50, 4 * self.space.n_decisions))
@@ -108,7 +118,8 @@ class Bayes(Strategy):
 
     def _enqueue(self, cand: Sequence[int]) -> None:
         idx = self.space.encode(cand)
-        self.study.enqueue_trial(dict(zip(self.names, (int(i) for i in idx))))
+        values = (i + 0.5 for i in idx) if self.continuous else (int(i) for i in idx)
+        self.study.enqueue_trial(dict(zip(self.names, values)))
 
     # ---- values told to optuna -----------------------------------------------------------
     def _values(self, ev: Evaluation):
@@ -140,8 +151,12 @@ class Bayes(Strategy):
 
     def _suggest(self):
         trial = self.study.ask()
-        idx = np.array([trial.suggest_int(n, 0, k - 1) for n, k in zip(self.names, self.space.n_choices)],
-                       dtype=np.int64)
+        if self.continuous:
+            idx = np.array([min(int(trial.suggest_float(n, 0.0, k)), k - 1)
+                            for n, k in zip(self.names, self.space.n_choices)], dtype=np.int64)
+        else:
+            idx = np.array([trial.suggest_int(n, 0, k - 1) for n, k in zip(self.names, self.space.n_choices)],
+                           dtype=np.int64)
         return trial, idx
 
     def _next(self) -> Candidate | None:
@@ -166,20 +181,45 @@ class Bayes(Strategy):
             if cand in self.archive:
                 self._tell(trial, idx, self.archive[cand])  # known: its values again, for free
                 self.n_free += 1
+                self._enqueue_near(idx)
                 continue
             if cand in self.pending or cand in self.seen:
                 self.study.tell(trial, state=TrialState.FAIL)  # asked in this batch, answer not in yet
+                self._enqueue_near(idx)
                 continue
             self.pending[cand] = trial
             return cand
         return None
+
+    def _fresh(self, c: Candidate) -> bool:
+        return self.feasible(c) and c not in self.seen and c not in self.pending
+
+    def _enqueue_near(self, idx: np.ndarray) -> None:
+        """Enqueue the nearest candidate not asked yet: one decision one step away, then two; else a random one."""
+        n = np.array(self.space.n_choices)
+        moves = [(d, s) for d in range(len(n)) for s in (-1, 1) if 0 <= idx[d] + s < n[d]]
+        for radius in (1, 2):
+            for _ in range(4 * len(moves)):
+                j = idx.copy()
+                for k in self.rng.choice(len(moves), size=radius, replace=False):
+                    d, step = moves[k]
+                    j[d] = min(max(j[d] + step, 0), n[d] - 1)
+                c = self.space.decode(j)
+                if not self.feasible(c) and self.do_repair:
+                    c = self.space.decode(self.tab.repair(j))
+                if self._fresh(c):
+                    self._enqueue(c)
+                    return
+        c = self._random_new()
+        if c is not None:
+            self._enqueue(c)
 
     def _random_new(self) -> Candidate | None:
         for _ in range(10_000):
             c = self.space.random(self.rng)
             if not self.feasible(c):
                 c = self.space.decode(self.tab.repair(self.space.encode(c)))
-            if self.feasible(c) and c not in self.seen and c not in self.pending:
+            if self._fresh(c):
                 return c
         return None
 
