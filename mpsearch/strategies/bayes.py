@@ -18,10 +18,20 @@ candidate, in Python: on minilm's 39 decisions an ask took about 20 ms at 300 tr
 * Front mode (no budget): two objectives, minimise size (fraction of full precision)
   and maximise the metric.
 
+Local moves (``local_share``, default 0.5): that share of the candidates are not sampled
+but taken next to the incumbent (the best feasible evaluation; in front mode a random
+point of the evaluated front): one decision one step away, else one decision up and
+another down, at random among those that fit and were not asked. They are enqueued as
+trials and told like any other, so TPE learns from them. Two reasons. On minilm's 39
+decisions pure TPE (``local_share=0``) did not leave the uniform 4-bit warm start within
+300 evaluations (validation cosine 0.889 against 0.913 with local moves, seed 0), and
+each sampled ask costs 5-12 ms of optuna's TPE against 220 ms per evaluation: 4.9-5.5%
+of the run, against 3.2% with local moves. On digits_small the hypervolume ratio at 100
+evaluations went from 0.9994 to 0.9999.
+
 A suggestion that was evaluated before is told its known values (free) and, instead of
-asking the sampler again (the costly part), the nearest candidate not yet asked is
-enqueued: one decision moved one step, then two, then a random new feasible candidate.
-So each sampled ask leads to one evaluation.
+asking the sampler again (the costly part), a near candidate not yet asked is enqueued
+the same way, or a random new one when every near one was asked.
 """
 from __future__ import annotations
 
@@ -58,10 +68,10 @@ class Bayes(Strategy):
 
     def __init__(self, sampler: str = "tpe", batch_size: int = 1, warm_start: str | Sequence | None = "uniform",
                  repair: bool = True, max_retries: int = 20, n_startup_trials: int | None = None,
-                 population_size: int | None = None, n_ei_candidates: int = 12):
+                 population_size: int | None = None, n_ei_candidates: int = 12, local_share: float = 0.5):
         super().__init__(sampler=sampler, batch_size=batch_size, warm_start=warm_start, repair=repair,
                          max_retries=max_retries, n_startup_trials=n_startup_trials, population_size=population_size,
-                         n_ei_candidates=n_ei_candidates)
+                         n_ei_candidates=n_ei_candidates, local_share=local_share)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if int(batch_size) < 1:
@@ -76,6 +86,9 @@ class Bayes(Strategy):
         self.n_startup_trials = n_startup_trials
         self.population_size = population_size
         self.n_ei_candidates = int(n_ei_candidates)
+        if not 0.0 <= float(local_share) < 1.0:
+            raise ValueError(f"local_share must be in [0, 1), got {local_share}")
+        self.local_share = float(local_share)
         self.continuous = sampler == "tpe"  # see the module docstring
 
     # ---- set-up ------------------------------------------------------------------------
@@ -107,6 +120,7 @@ class Bayes(Strategy):
         self.archive: dict[Candidate, Evaluation] = {}
         self.pending: dict[Candidate, object] = {}
         self.n_free = 0  # trials told without an evaluation (infeasible or known)
+        self._local_credit = 0.0  # local moves owed (local_share per candidate asked)
         warm: list = []
         if self.warm_start == "uniform":
             warm = [self.space.uniform(b) for b in sorted(self.space.uniform_bits(), reverse=True)]
@@ -162,6 +176,10 @@ class Bayes(Strategy):
     def _next(self) -> Candidate | None:
         from optuna.trial import TrialState
 
+        self._local_credit += self.local_share
+        if self._local_credit >= 1.0 and self.archive:
+            self._local_credit -= 1.0
+            self._enqueue_near(self._incumbent())
         for attempt in range(self.max_retries + 100):
             if attempt >= self.max_retries:
                 # the sampler keeps proposing known points: enqueue a random new candidate (the queue
@@ -181,11 +199,11 @@ class Bayes(Strategy):
             if cand in self.archive:
                 self._tell(trial, idx, self.archive[cand])  # known: its values again, for free
                 self.n_free += 1
-                self._enqueue_near(idx)
+                self._enqueue_near_or_new(idx)
                 continue
             if cand in self.pending or cand in self.seen:
                 self.study.tell(trial, state=TrialState.FAIL)  # asked in this batch, answer not in yet
-                self._enqueue_near(idx)
+                self._enqueue_near_or_new(idx)
                 continue
             self.pending[cand] = trial
             return cand
@@ -194,25 +212,46 @@ class Bayes(Strategy):
     def _fresh(self, c: Candidate) -> bool:
         return self.feasible(c) and c not in self.seen and c not in self.pending
 
-    def _enqueue_near(self, idx: np.ndarray) -> None:
-        """Enqueue the nearest candidate not asked yet: one decision one step away, then two; else a random one."""
+    def _incumbent(self) -> np.ndarray:
+        """Budget mode: the best feasible evaluation; front mode: a random point of the evaluated front."""
+        evs = sorted(self.archive.values(), key=lambda e: (e.size_bytes, -e.metric, e.candidate))
+        if self.front_mode:
+            front, best = [], -np.inf
+            for e in evs:
+                if e.metric > best:
+                    front.append(e)
+                    best = e.metric
+            pick = front[int(self.rng.integers(len(front)))]
+        else:
+            pick = max((e for e in evs if self.feasible(e.candidate)), key=lambda e: e.metric, default=evs[0])
+        return np.array(self.space.encode(pick.candidate), dtype=np.int64)
+
+    def _enqueue_near(self, idx: np.ndarray) -> bool:
+        """Enqueue a random feasible candidate not asked yet among the nearest: one decision one step
+        away, else one up and another down (what a candidate at the budget needs); False when none is left."""
         n = np.array(self.space.n_choices)
-        moves = [(d, s) for d in range(len(n)) for s in (-1, 1) if 0 <= idx[d] + s < n[d]]
-        for radius in (1, 2):
-            for _ in range(4 * len(moves)):
-                j = idx.copy()
-                for k in self.rng.choice(len(moves), size=radius, replace=False):
-                    d, step = moves[k]
-                    j[d] = min(max(j[d] + step, 0), n[d] - 1)
-                c = self.space.decode(j)
-                if not self.feasible(c) and self.do_repair:
-                    c = self.space.decode(self.tab.repair(j))
+        D = len(n)
+        steps = np.concatenate([np.eye(D, dtype=np.int64), -np.eye(D, dtype=np.int64)])
+        up, down = np.nonzero(np.eye(D, dtype=bool) == 0)  # every ordered pair of two decisions
+        swaps = np.zeros((len(up), D), dtype=np.int64)
+        swaps[np.arange(len(up)), up] = 1
+        swaps[np.arange(len(up)), down] = -1
+        for moves in (steps, swaps):
+            rows = idx[None, :] + moves
+            rows = rows[((rows >= 0) & (rows < n)).all(axis=1)]
+            rows = rows[self.tab.fits(rows)] if len(rows) else rows
+            for k in self.rng.permutation(len(rows)):
+                c = self.space.decode(rows[k])
                 if self._fresh(c):
                     self._enqueue(c)
-                    return
-        c = self._random_new()
-        if c is not None:
-            self._enqueue(c)
+                    return True
+        return False
+
+    def _enqueue_near_or_new(self, idx: np.ndarray) -> None:
+        if not self._enqueue_near(idx):
+            c = self._random_new()
+            if c is not None:
+                self._enqueue(c)
 
     def _random_new(self) -> Candidate | None:
         for _ in range(10_000):
