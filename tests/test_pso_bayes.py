@@ -145,13 +145,22 @@ def test_bayes_sampler_asks_per_evaluation(digits_small_space, digits_small_eval
     r = search(digits_small_space, digits_small_evaluator, s, Termination(max_evals=80), seed=0, budget=BUDGET)
     check_run(r, 80)
     trials = s.study.trials
-    sampled = [t for t in trials if "fixed_params" not in t.system_attrs]
-    infeasible = [t for t in sampled if (t.constraints or {}).get("size", 0) > 0]
-    known = s.n_free - len(infeasible)
+    fixed = ["fixed_params" in t.system_attrs for t in trials]
+    seen, known = set(), []
+    for k, t in enumerate(trials):
+        if t.state.name != "COMPLETE":
+            continue
+        c = digits_small_space.decode([int(t.params[f"d{j}"]) for j in range(digits_small_space.n_decisions)])
+        if not fixed[k] and c in seen:
+            known.append(k)
+        seen.add(c)
     if local_share == 0.0:
-        assert known > 0, "the run never re-proposed a known candidate, so this test checks nothing"
-    # every sampled ask led to an evaluation, or was infeasible (its repair is evaluated) or known
-    assert len(sampled) <= r.n_evals * (1 - local_share) + len(infeasible) + known + 1
+        assert known, "the run never re-proposed a known candidate, so this test checks nothing"
+    # after a known suggestion the next trial is an enqueued near (or random new) one, not another sample
+    assert all(fixed[k + 1] for k in known if k + 1 < len(trials))
+    sampled = [t for t, f in zip(trials, fixed) if not f]
+    infeasible = [t for t in sampled if (t.constraints or {}).get("size", 0) > 0]
+    assert len(sampled) <= r.n_evals * (1 - local_share) + len(infeasible) + len(known) + 1
     # TPE's coordinates are in [0, n_choices) and floor to the evaluated indices
     for t in trials:
         if t.state.name == "COMPLETE" and not (t.constraints or {}).get("size", 0) > 0:

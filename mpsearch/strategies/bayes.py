@@ -5,9 +5,8 @@ decision is an ordered choice index, so the samplers see that 3 bits lies betwee
 4: for GP and NSGA-II an integer (``suggest_int(name, 0, n_choices - 1)``); for TPE a
 coordinate in ``[0, n_choices)`` floored to the index, the encoding pso uses. Optuna's
 discrete TPE kernels evaluate a truncated-normal mass per kernel, per dimension and per
-candidate, in Python: on 39 decisions at 300 trials an ask took about 20 ms with integer
-kernels and about 12 ms with float kernels and 12 expected-improvement candidates instead
-of optuna's 24, against about 220 ms per minilm evaluation.
+candidate, in Python, and cost clearly more per ask than float kernels on minilm's 39
+decisions; 12 expected-improvement candidates instead of optuna's 24 save a little more.
 
 * Budget mode: one objective (maximise the metric) and one constraint per trial,
   ``trial.set_constraint("size", excess)`` with excess = relative size over the budget
@@ -25,9 +24,9 @@ another down, at random among those that fit and were not asked. They are enqueu
 trials and told like any other, so TPE learns from them. Two reasons. On minilm's 39
 decisions pure TPE (``local_share=0``) did not leave the uniform 4-bit warm start within
 300 evaluations (validation cosine 0.889 against 0.913 with local moves, seed 0), and
-each sampled ask costs 5-12 ms of optuna's TPE against 220 ms per evaluation: 4.9-5.5%
-of the run, against 3.2% with local moves. On digits_small the hypervolume ratio at 100
-evaluations went from 0.9994 to 0.9999.
+optuna's ask was 5.3-5.5% of the run (3 seeds), against 3.6-3.8% with local moves
+(``experiments/exp_minilm.py``). On digits_small the hypervolume ratio at 100
+evaluations went from 0.9994 to 0.9999 (``experiments/exp_digits.py``).
 
 A suggestion that was evaluated before is told its known values (free) and, instead of
 asking the sampler again (the costly part), a near candidate not yet asked is enqueued
@@ -121,6 +120,14 @@ class Bayes(Strategy):
         self.pending: dict[Candidate, object] = {}
         self.n_free = 0  # trials told without an evaluation (infeasible or known)
         self._local_credit = 0.0  # local moves owed (local_share per candidate asked)
+        # near moves: each decision one step, then one decision up and another down (every ordered pair)
+        self.n_choices = np.array(self.space.n_choices)
+        D = len(self.n_choices)
+        up, down = np.nonzero(~np.eye(D, dtype=bool))
+        swaps = np.zeros((len(up), D), dtype=np.int64)
+        swaps[np.arange(len(up)), up] = 1
+        swaps[np.arange(len(up)), down] = -1
+        self.moves = (np.concatenate([np.eye(D, dtype=np.int64), -np.eye(D, dtype=np.int64)]), swaps)
         warm: list = []
         if self.warm_start == "uniform":
             warm = [self.space.uniform(b) for b in sorted(self.space.uniform_bits(), reverse=True)]
@@ -214,29 +221,26 @@ class Bayes(Strategy):
 
     def _incumbent(self) -> np.ndarray:
         """Budget mode: the best feasible evaluation; front mode: a random point of the evaluated front."""
-        evs = sorted(self.archive.values(), key=lambda e: (e.size_bytes, -e.metric, e.candidate))
         if self.front_mode:
             front, best = [], -np.inf
-            for e in evs:
+            for e in sorted(self.archive.values(), key=lambda e: (e.size_bytes, -e.metric, e.candidate)):
                 if e.metric > best:
                     front.append(e)
                     best = e.metric
             pick = front[int(self.rng.integers(len(front)))]
         else:
-            pick = max((e for e in evs if self.feasible(e.candidate)), key=lambda e: e.metric, default=evs[0])
+            feasible = [e for e in self.archive.values() if self.feasible(e.candidate)]
+            if feasible:  # the best; among equals the smallest
+                pick = min(feasible, key=lambda e: (-e.metric, e.size_bytes, e.candidate))
+            else:
+                pick = min(self.archive.values(), key=lambda e: (e.size_bytes, -e.metric, e.candidate))
         return np.array(self.space.encode(pick.candidate), dtype=np.int64)
 
     def _enqueue_near(self, idx: np.ndarray) -> bool:
         """Enqueue a random feasible candidate not asked yet among the nearest: one decision one step
         away, else one up and another down (what a candidate at the budget needs); False when none is left."""
-        n = np.array(self.space.n_choices)
-        D = len(n)
-        steps = np.concatenate([np.eye(D, dtype=np.int64), -np.eye(D, dtype=np.int64)])
-        up, down = np.nonzero(np.eye(D, dtype=bool) == 0)  # every ordered pair of two decisions
-        swaps = np.zeros((len(up), D), dtype=np.int64)
-        swaps[np.arange(len(up)), up] = 1
-        swaps[np.arange(len(up)), down] = -1
-        for moves in (steps, swaps):
+        n = self.n_choices
+        for moves in self.moves:
             rows = idx[None, :] + moves
             rows = rows[((rows >= 0) & (rows < n)).all(axis=1)]
             rows = rows[self.tab.fits(rows)] if len(rows) else rows

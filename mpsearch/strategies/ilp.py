@@ -92,7 +92,6 @@ class ILP(SensitivityStrategy):
         self.solve_s = 0.0
         self._solved: dict[tuple, Candidate | None] = {}
         self._tables: dict[str, KnapsackTable] = {}
-        self.table_s = 0.0
         self._levels_done: list[int] = []
         self._pending_levels: list[int] = []
         self._round_new = 0
@@ -187,9 +186,7 @@ class ILP(SensitivityStrategy):
             kind, weights, cap = "bits", size.bits_table, size.weight_bits_cap(float(max_avg_bits) + 1e-9)
         table = self._tables.get(kind)
         if table is None or (table.applicable and not table.covers(cap)):
-            t0 = time.perf_counter()
             table = self._tables[kind] = KnapsackTable(self.objective_table, weights, cap)
-            self.table_s += time.perf_counter() - t0
         if not table.applicable:
             return NOT_SOLVED
         return table.solve(cap, force[0] if force else None)
