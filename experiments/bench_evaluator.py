@@ -8,7 +8,7 @@ falls on all three alike), the median wall time of:
   eval     one ``evaluator.evaluate`` of a fresh random candidate (never evaluated before), after
            ``evaluator.warm_cache()`` has quantized every (layer, bits) once;
   naive    an evaluator without caches: deep-copy the model, re-quantize every layer of the candidate
-           with ``mpsearch.quantize.quantize_weight``, run the same forward and the same metric.
+           with ``mpsearch.quantize.fake_quantize``, run the same forward and the same metric.
 
     python experiments/bench_evaluator.py [--models digits,minilm] [--repeats 15] [--threads N] [--json]
 
@@ -33,9 +33,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mpsearch.evaluator import Evaluator, _call, _concat  # noqa: E402
-from mpsearch.models import load_task  # noqa: E402
-from mpsearch.quantize import quantize_weight  # noqa: E402
-from mpsearch.spaces import space_for  # noqa: E402
+from mpsearch.tasks import load_task  # noqa: E402
+from mpsearch.quantize import fake_quantize as quantize_weight  # noqa: E402
+from mpsearch.model import space_for  # noqa: E402
 
 
 class NaiveEvaluator:

@@ -16,7 +16,7 @@ import json
 import statistics
 
 from common import Timer, run, setup
-from mpsearch.budget import Budget
+from mpsearch.core import Budget
 
 
 def main() -> None:
@@ -34,13 +34,13 @@ def main() -> None:
         task, space, ev = setup(a.model, a.search_space)
         hv_exact = None
         if space.cardinality <= a.exact_limit:
-            hv_exact = run(space, ev, "exhaustive", 0, space.cardinality).hypervolume
+            hv_exact = run(ev, "exhaustive", 0, space.cardinality).search.hypervolume
         rows = []
         for name in [s for s in a.strategies.split(",") if s]:
             hv, best, share = [], [], []
             for seed in range(a.seeds):
-                front = run(space, ev, name, seed, a.max_evals)
-                budget = run(space, ev, name, seed, a.max_evals, Budget(max_avg_bits=a.avg_bits))
+                front = run(ev, name, seed, a.max_evals).search
+                budget = run(ev, name, seed, a.max_evals, Budget(max_avg_bits=a.avg_bits)).search
                 hv.append(front.hypervolume)
                 b = budget.best()
                 best.append(b.metric if b else float("nan"))

@@ -46,15 +46,16 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from mpsearch.evaluator import Evaluator  # noqa: E402
-from mpsearch.models import load_task  # noqa: E402
+from mpsearch.tasks import load_task  # noqa: E402
 from mpsearch.search import Termination, search  # noqa: E402
-from mpsearch.spaces import space_for  # noqa: E402
+from mpsearch.model import space_for  # noqa: E402
 from mpsearch.storage import TrialStore, quiet_optuna  # noqa: E402
-from mpsearch.workers import QueueExecutor, _complete, _swap_state  # noqa: E402
+from mpsearch.optuna_rdb import complete, frozen_trial_id, swap_state  # noqa: E402
+from mpsearch.workers import QueueExecutor  # noqa: E402
 
 TINY_TASK = textwrap.dedent('''
     import torch
-    from mpsearch.task import Task
+    from mpsearch.tasks import Task
 
     def make_task():
         torch.manual_seed(0)
@@ -85,7 +86,7 @@ def _driven(url: str, model: str, space, evaluator, n_workers: int, threads: int
     ex = QueueExecutor(url, model, n_local=0, strategy="random", seed=seed)
     try:
         t0 = time.perf_counter()
-        res = search(space, evaluator, "random", Termination(max_evals=evals), seed=seed, storage=url,
+        res = search(evaluator, "random", Termination(max_evals=evals), seed=seed, storage=url,
                      study_name=study, executor=ex)
         wall = time.perf_counter() - t0
         end = datetime.now()
@@ -118,7 +119,7 @@ def throughput(model: str, evals: int, seed: int) -> dict:
     torch.set_num_threads(cores)
     ref_ev = Evaluator(load_task(model), space)
     t0 = time.perf_counter()
-    res = search(space, ref_ev, "random", Termination(max_evals=evals), seed=seed + 100)
+    res = search(ref_ev, "random", Termination(max_evals=evals), seed=seed + 100)
     out["in_process"] = {"evals_per_min": 60.0 * res.n_evals / (time.perf_counter() - t0),
                          "eval_s_mean": res.eval_s / res.n_evals}
     del ref_ev
@@ -149,10 +150,10 @@ def ops_overhead(url: str, space, n: int) -> dict:
         driver.enqueue_trial(dict(zip(names, cand)), user_attrs={"strategy": "bench", "seed": 0, "order": i})
         t1 = time.perf_counter()
         waiting = worker.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        ok = _swap_state(worker_storage, waiting[0]._trial_id, TrialState.WAITING, TrialState.RUNNING, claimant="bench")
+        ok = swap_state(worker_storage, frozen_trial_id(waiting[0]), TrialState.WAITING, TrialState.RUNNING, claimant="bench")
         t2 = time.perf_counter()
         assert ok
-        _complete(worker_storage, waiting[0]._trial_id, dict(zip(names, cand)), store.distributions,
+        complete(worker_storage, frozen_trial_id(waiting[0]), dict(zip(names, cand)), store.distributions,
                   {"avg_bits": 4.0, "wall_s": 0.0, "cached": False, "strategy": "bench", "seed": 0, "order": i},
                   [1000.0, 0.5])
         t3 = time.perf_counter()

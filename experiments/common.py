@@ -16,12 +16,11 @@ RESULTS = ROOT / "results"
 
 import pandas as pd  # noqa: E402
 
-from mpsearch.budget import Budget  # noqa: E402
+from mpsearch import optimize  # noqa: E402
+from mpsearch.core import Budget  # noqa: E402
 from mpsearch.evaluator import Evaluator  # noqa: E402
-from mpsearch.models import load_task  # noqa: E402
-from mpsearch.search import Termination, search  # noqa: E402
-from mpsearch.spaces import space_for  # noqa: E402
-from mpsearch.strategies import get_strategy  # noqa: E402
+from mpsearch.model import space_for  # noqa: E402
+from mpsearch.tasks import load_task  # noqa: E402
 
 STRATEGIES = ["greedy", "pso", "bayes", "ilp", "random"]
 
@@ -48,9 +47,10 @@ def setup(model: str, search_space: str | None = None):
     return task, space, Evaluator(task, space)
 
 
-def run(space, evaluator, strategy: str, seed: int, max_evals: int, budget: Budget | None = None):
-    """One search on the shared evaluator (in-memory storage: these runs are regenerated, not resumed)."""
-    return search(space, evaluator, get_strategy(strategy), Termination(max_evals=max_evals), seed=seed, budget=budget)
+def run(evaluator, strategy: str, seed: int, max_evals: int, budget: Budget | None = None, **options):
+    """One ``optimize`` run on the shared evaluator (in-memory storage: these runs are regenerated, not resumed)."""
+    return optimize(evaluator.task, evaluator=evaluator, strategy=strategy, options=options, seed=seed,
+                    max_evals=max_evals, budget=budget)
 
 
 def write_table(df: pd.DataFrame, out_dir: Path, name: str, title: str, notes: str, wall_s: float) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from common import RESULTS, STRATEGIES, Timer, run, setup, write_json, write_table
-from mpsearch.budget import Budget
+from mpsearch.core import Budget
 from mpsearch.report import front_trials, plot_front, trials_frame
 
 OUT = RESULTS / "digits"
@@ -23,7 +23,7 @@ BUDGETS = (2.5, 3.0, 4.0)
 def main(seeds: int, evals: list[int]) -> None:
     with Timer() as total:
         task, space, ev = setup("digits", "digits_small")
-        exact = run(space, ev, "exhaustive", 0, space.cardinality)
+        exact = run(ev, "exhaustive", 0, space.cardinality).search
         hv_exact = exact.hypervolume
         OUT.mkdir(parents=True, exist_ok=True)
         trials_frame(exact, space, front_trials(exact)).to_csv(OUT / "exact_front.csv", index=False)
@@ -38,14 +38,14 @@ def main(seeds: int, evals: list[int]) -> None:
         for strategy in STRATEGIES + ["uniform"]:
             for n in evals:
                 for seed in range(seeds):
-                    r = run(space, ev, strategy, seed, n)
+                    r = run(ev, strategy, seed, n).search
                     row = {"strategy": strategy, "max_evals": n, "seed": seed, "n_evals": r.n_evals,
                            "hypervolume": r.hypervolume, "hv_ratio": r.hypervolume / hv_exact,
                            "strategy_s": r.strategy_s, "eval_cost_s": sum(t.wall_s for t in r.trials)}
                     if n == max(evals) and seed == 0:
                         fronts[strategy] = front_trials(r)
                     for b in BUDGETS:
-                        rb = run(space, ev, strategy, seed, n, Budget(max_avg_bits=b))
+                        rb = run(ev, strategy, seed, n, Budget(max_avg_bits=b)).search
                         best = rb.best()
                         row[f"best@{b:g}"] = best.metric if best else np.nan
                         row[f"gap@{b:g}"] = optimum[b].metric - best.metric if best else np.nan

@@ -17,8 +17,7 @@ import pandas as pd
 from common import RESULTS, STRATEGIES, Timer, run, setup, write_table
 from pathlib import Path
 
-from mpsearch.budget import Budget
-from mpsearch.plan import QuantizationPlan
+from mpsearch.core import Budget
 from mpsearch.report import front_trials, plot_front
 
 OUT = RESULTS / "minilm"
@@ -41,8 +40,8 @@ def q4km_style(space, base: int):
 
 
 def widest_fitting(ev, candidates, max_bytes):
-    fitting = [c for c in candidates if ev.size_model.size_bytes(c) <= max_bytes]
-    return max(fitting, key=lambda c: ev.size_model.size_bytes(c)) if fitting else None
+    fitting = [c for c in candidates if ev.sizes.size_bytes(c) <= max_bytes]
+    return max(fitting, key=lambda c: ev.sizes.size_bytes(c)) if fitting else None
 
 
 def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int, extra_strategies: list[str],
@@ -62,26 +61,25 @@ def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int, ext
             if space_file == "minilm_clip.yaml" and clip_pair is None:
                 clip_pair = setup("minilm", "minilm_clip")[1:]
             space, ev = clip_pair if space_file == "minilm_clip.yaml" else main_pair
-            r = run(space, ev, strategy, seed, max_evals, Budget(max_avg_bits=b))
-            best = r.best()
+            res = run(ev, strategy, seed, max_evals, Budget(max_avg_bits=b))
+            r, best = res.search, res.best()
             cost = sum(t.wall_s for t in r.trials)  # evaluation time charged, memo hits at their first cost
             row = {"space": space_file, "budget_avg_bits": b, "strategy": strategy, "seed": seed, "n_evals": r.n_evals,
                    "wall_s": round(r.wall_s, 1), "eval_cost_s": round(cost, 1), "strategy_s": round(r.strategy_s, 2),
                    "strategy_share": round(r.strategy_s / (r.strategy_s + cost), 4)}
             if best is not None:
-                val = ev.validate(best.candidate)
+                val = res.chosen_validation_metric
                 row.update({"avg_bits": round(best.avg_bits, 4), "size_mb": round(best.size_bytes / 1e6, 4),
                             "cal_cosine": round(best.metric, 4), "val_cosine": round(val, 4)})
                 if seed == 0:
                     (OUT / "plans").mkdir(parents=True, exist_ok=True)
-                    QuantizationPlan.from_candidate(space, ev, best.candidate, metric=best.metric, validation_metric=val,
-                                                    provenance={"strategy": strategy, "seed": seed, "n_evals": r.n_evals,
-                                                                "budget_avg_bits": b, "search_space": space_file}
-                                                    ).save(OUT / "plans" / f"{Path(space_file).stem}-{strategy}-{b:g}bits.json")
+                    plan = res.plan()
+                    plan.provenance.update({"budget_avg_bits": b, "search_space": space_file})
+                    plan.save(OUT / "plans" / f"{Path(space_file).stem}-{strategy}-{b:g}bits.json")
                 u = widest_fitting(ev, uniforms, best.size_bytes)
                 q = widest_fitting(ev, rules, best.size_bytes)
-                row["uniform_same_size"] = f"W{u[0]}: {ev.validate(u):.4f}" if u else "—"
-                row["q4km_style_same_size"] = (f"{ev.size_model.avg_bits(q):.2f} bits: {ev.validate(q):.4f}"
+                row["uniform_same_size"] = f"W{u[0]}: {ev.validation_metric(u):.4f}" if u else "—"
+                row["q4km_style_same_size"] = (f"{ev.sizes.avg_bits(q):.2f} bits: {ev.validation_metric(q):.4f}"
                                                if q else "—")
             rows.append(row)
             print(row, flush=True)
@@ -95,7 +93,7 @@ def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int, ext
                 (f"Q4_K_M-style base {min(c)}", c) for c in rules]:
             e = ev.evaluate(c)
             baselines.append({"baseline": name, "avg_bits": round(e.avg_bits, 4), "size_mb": round(e.size_bytes / 1e6, 4),
-                              "cal_cosine": round(e.metric, 4), "val_cosine": round(ev.validate(c), 4)})
+                              "cal_cosine": round(e.metric, 4), "val_cosine": round(ev.validation_metric(c), 4)})
         ev.restore()
         runs = pd.DataFrame(rows)
         OUT.mkdir(parents=True, exist_ok=True)

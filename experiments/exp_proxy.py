@@ -20,7 +20,7 @@ OUT = RESULTS / "proxy"
 
 def measure(model: str, n: int, seed: int = 0):
     task, space, ev = setup(model)
-    sens = Sensitivity(space, ev.size_model)
+    sens = Sensitivity(space, ev.sizes)
     sens.record([ev.evaluate(c) for c in sens.plan])
     rng = np.random.default_rng(seed)
     seen, cands = set(), []
@@ -30,7 +30,7 @@ def measure(model: str, n: int, seed: int = 0):
             seen.add(c)
             cands.append(c)
     top = ev.evaluate(sens.top).metric
-    rows = [{"model": model, "avg_bits": ev.size_model.avg_bits(c), "predicted_loss": sens.proxy(c),
+    rows = [{"model": model, "avg_bits": ev.sizes.avg_bits(c), "predicted_loss": sens.proxy(c),
              "measured_loss": top - ev.evaluate(c).metric} for c in cands]
     ev.restore()
     return pd.DataFrame(rows), len(sens.plan)

@@ -80,7 +80,7 @@ def build_parser() -> Parser:
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--budget-mb", type=_positive_float, help="size budget in MB (10^6 bytes)")
         g.add_argument("--avg-bits", type=_positive_float, help="size budget in average weight bits")
-        sp.add_argument("--out", required=True, help="output directory")
+        sp.add_argument("--out", help="output directory (required)")
         sp.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --out)")
         sp.add_argument("--fresh", action="store_true", help="discard stored trials and start over")
         sp.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option, repeatable")
@@ -92,6 +92,7 @@ def build_parser() -> Parser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--study", help="study name in the storage (default: derived from the command)")
     s.add_argument("--workers", type=int, default=0, help="local worker processes that evaluate in parallel")
+    s.add_argument("--help-options", action="store_true", help="list the strategy's options and exit")
 
     c = sub.add_parser("compare", help="several strategies x seeds at equal budgets on one evaluator", epilog=EXAMPLES["compare"])
     common_search(c)
@@ -123,7 +124,9 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def _writable_dir(path: str) -> Path:
+def _writable_dir(path: str | None) -> Path:
+    if not path:
+        raise UsageError("--out DIR is required")
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -133,21 +136,6 @@ def _writable_dir(path: str) -> Path:
     except OSError as exc:
         raise MPSearchError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
     return out
-
-
-def _setup(args):
-    from .budget import Budget
-    from .evaluator import Evaluator
-    from .models import load_task
-    from .spaces import space_for
-
-    task = load_task(args.model)
-    space = space_for(task, args.search_space)
-    budget = Budget.from_args(args.budget_mb, args.avg_bits)
-    evaluator = Evaluator(task, space)
-    if budget is not None:
-        budget.check(evaluator.size_model)
-    return task, space, budget, evaluator
 
 
 def _storage_url(args, out: Path) -> str:
@@ -167,117 +155,48 @@ def _study_name(model: str, strategy: str, seed: int, budget) -> str:
     return f"{name}-{strategy}-seed{seed}-{_budget_tag(budget)}"
 
 
-def _uniform_at_size(space, evaluator, max_bytes: int):
-    """The widest uniform candidate no larger than ``max_bytes`` (None when none fits)."""
-    best = None
-    for b in space.uniform_bits():
-        c = space.uniform(b)
-        if evaluator.size_model.size_bytes(c) <= max_bytes:
-            best = c
-    return best
-
-
-def _plan_for(space, evaluator, trial, strategy, seed, n_evals, point):
-    from .plan import QuantizationPlan
-
-    val = evaluator.validate(trial.candidate)
-    return QuantizationPlan.from_candidate(space, evaluator, trial.candidate, metric=trial.metric, validation_metric=val,
-                                           provenance={"strategy": strategy, "seed": seed, "n_evals": n_evals,
-                                                       "point": point})
-
-
 # ---- commands -------------------------------------------------------------------------------
-def cmd_search(args) -> int:
-    from . import report
-    from .pareto import HV_REFERENCE
-    from .search import Termination, search
-    from .strategies import get_strategy
+def _budget(args):
+    from .core.budget import Budget
 
+    return Budget.from_args(args.budget_mb, args.avg_bits)
+
+
+def cmd_search(args) -> int:
+    from .pipeline import optimize
+    from .report import write_run
+    from .strategies import describe_options, get_strategy
+
+    if args.help_options:
+        _say(describe_options(args.strategy))
+        return 0
     out = _writable_dir(args.out)
     options = _options(args.option)
     if args.workers and args.workers > 1 and args.strategy == "bayes":
         options.setdefault("batch_size", args.workers)  # TPE constant liar: one candidate per worker
-    strategy = get_strategy(args.strategy, **options)
-    termination = Termination(max_evals=args.max_evals, wall_s=args.wall_time)
-    task, space, budget, evaluator = _setup(args)
+    strategy = get_strategy(args.strategy, **options)  # bad options fail before the model loads
+    budget = _budget(args)
     url = _storage_url(args, out)
     study = args.study or _study_name(args.model, args.strategy, args.seed, budget)
-    _say(f"mpsearch: {task.name}: {space.summary()}; full precision {evaluator.full_precision_bytes / 1e6:.4g} MB, "
-         f"{evaluator.metric.name} {evaluator.reference_metric:.4f}")
-    _say(f"mpsearch: {args.strategy}, seed {args.seed}, {args.max_evals} evaluations"
-         + (f", budget {budget.describe()}" if budget else ", no budget (whole front)") + f"; trials in {url} [{study}]")
-    executor = None
-    if args.workers:
-        from .workers import local_pool
 
-        executor = local_pool(args, url, study, space, evaluator)
-    try:
-        result = search(space, evaluator, strategy, termination, seed=args.seed, budget=budget, storage=url,
-                        study_name=study, fresh=args.fresh, progress=not args.no_progress, executor=executor)
-    finally:
-        if executor is not None:
-            executor.close()
-    if result.n_resumed:
-        _say(f"mpsearch: resumed {result.n_resumed} stored evaluations, computed {result.n_evals - result.n_resumed} new")
+    def header(evaluator, budget):
+        _say(f"mpsearch: {evaluator.task.name}: {evaluator.space.summary()}; full precision "
+             f"{evaluator.full_precision_bytes / 1e6:.4g} MB, {evaluator.metric_name} {evaluator.reference_metric:.4f}")
+        _say(f"mpsearch: {args.strategy}, seed {args.seed}, {args.max_evals} evaluations"
+             + (f", budget {budget.describe()}" if budget else ", no budget (whole front)") + f"; trials in {url} [{study}]")
 
-    # files
-    df = report.trials_frame(result, space)
-    df.to_csv(out / "trials.csv", index=False)
-    ftrials = report.front_trials(result)
-    report.trials_frame(result, space, ftrials).to_csv(out / "front.csv", index=False)
-    uniform_pts = [evaluator.evaluate(c) for c in (space.uniform(b) for b in space.uniform_bits())]
-    best = result.best()
-    summary = {
-        "model": task.name, "strategy": args.strategy, "seed": args.seed, "n_evals": result.n_evals,
-        "max_evals": args.max_evals, "n_resumed": result.n_resumed, "stop_reason": result.stop_reason,
-        "wall_s": round(result.wall_s, 3), "eval_s": round(result.eval_s, 3), "strategy_s": round(result.strategy_s, 3),
-        "storage_s": round(result.storage_s, 3), "metric_name": evaluator.metric.name,
-        "reference_metric": evaluator.reference_metric, "reference_validation_metric": evaluator.reference_validation_metric,
-        "full_precision_bytes": evaluator.full_precision_bytes, "hypervolume": result.hypervolume,
-        "hypervolume_ref": {"size_fraction": HV_REFERENCE[0], "normalized_metric": HV_REFERENCE[1]},
-        "front_size": len(ftrials), "budget": budget.to_dict() if budget else None,
-        "search_space": space.summary(), "storage": url if not args.storage else "(user storage)", "study": study,
-        "uniform": [{"avg_bits": u.avg_bits, "size_bytes": u.size_bytes, "metric": u.metric} for u in uniform_pts],
-    }
-    plan = None
-    if budget is not None:
-        if best is None:
-            summary["best"] = None
-            _say(f"mpsearch: no evaluated candidate met the budget {budget.describe()}; trials are in {out / 'trials.csv'}")
-        else:
-            plan = _plan_for(space, evaluator, best, args.strategy, args.seed, result.n_evals, "best within budget")
-    elif ftrials:
-        knee = result.front.knee()
-        best = next(t for t in ftrials if t.candidate == knee.candidate)
-        plan = _plan_for(space, evaluator, best, args.strategy, args.seed, result.n_evals, "knee of the front")
-    if plan is not None:
-        plan.save(out / "plan.json")
-        p = plan.predicted
-        summary["best"] = {"size_bytes": p["size_bytes"], "avg_bits": p["avg_bits"],
-                           "compression_ratio": p["compression_ratio"], "bops_per_sample": p["bops_per_sample"],
-                           "metric": p["metric"],
-                           "validation_metric": p["validation_metric"], "point": plan.provenance["point"]}
-        uc = _uniform_at_size(space, evaluator, p["size_bytes"])
-        if uc is not None:
-            u = evaluator.evaluate(uc)
-            summary["uniform_at_same_size"] = {"bits": uc[0], "size_bytes": u.size_bytes, "metric": u.metric,
-                                               "validation_metric": evaluator.validate(uc)}
-    evaluator.restore()
-    report.plot_front(out / "front.png", {args.strategy: ftrials}, evaluator.full_precision_bytes, evaluator.metric.name,
-                      evaluator.reference_metric, uniform=uniform_pts, all_points=result.trials,
-                      budget_bytes=budget.max_bytes if budget else None,
-                      title=f"{task.name}: {args.strategy}, seed {args.seed}, {result.n_evals} evaluations")
-    report.plot_hypervolume(out / "hypervolume.png", {args.strategy: [report.hv_curve(result)]})
-    files = ["summary.json", "trials.csv", "front.csv", "front.png", "hypervolume.png"]
-    if plan is not None:
-        from .report_plan import plot_plan
-
-        plot_plan(plan, out / "plan.png")
-        files += ["plan.json", "plan.png"]
-    summary["files"] = files
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _final_report(summary, out, plan)
-    return 130 if result.stop_reason == "interrupted" else 0
+    res = optimize(args.model, space=args.search_space, strategy=strategy, budget=budget, max_evals=args.max_evals,
+                   wall_s=args.wall_time, seed=args.seed, storage=url, study=study, fresh=args.fresh,
+                   progress=not args.no_progress, workers=args.workers, on_start=header)
+    r = res.search
+    if r.n_resumed:
+        _say(f"mpsearch: resumed {r.n_resumed} stored evaluations, computed {r.n_evals - r.n_resumed} new")
+    if budget is not None and res.chosen is None:
+        _say(f"mpsearch: no evaluated candidate met the budget {budget.describe()}; trials are in {out / 'trials.csv'}")
+    summary = write_run(res, out, summary_extra={"max_evals": args.max_evals,
+                                                 "storage": url if not args.storage else "(user storage)"})
+    _final_report(summary, out, res.plan())
+    return 130 if r.stop_reason == "interrupted" else 0
 
 
 def _final_report(s: dict, out: Path, plan) -> None:
@@ -303,19 +222,26 @@ def _final_report(s: dict, out: Path, plan) -> None:
 
 def cmd_compare(args) -> int:
     from .compare import run_comparison, write_comparison
-    from .search import Termination
+    from .evaluator import Evaluator
+    from .model.space_files import space_for
+    from .strategies import get_strategy
+    from .tasks import load_task
 
     out = _writable_dir(args.out)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if not names:
         raise MPSearchError("--strategies is empty")
     options = _options(args.option)
-    task, space, budget, evaluator = _setup(args)
+    for n in names:  # unknown names and bad options fail before anything runs
+        get_strategy(n, **options)
+    budget = _budget(args)
+    task = load_task(args.model)
+    evaluator = Evaluator(task, space_for(task, args.search_space))
     url = _storage_url(args, out)
     _say(f"mpsearch: compare {', '.join(names)} x {args.seeds} seeds x {args.max_evals} evaluations on {task.name}"
          + (f", budget {budget.describe()}" if budget else ""))
-    results = run_comparison(space, evaluator, names, list(range(args.seeds)),
-                             Termination(max_evals=args.max_evals, wall_s=args.wall_time), budget, storage=url,
+    results = run_comparison(evaluator, names, list(range(args.seeds)), max_evals=args.max_evals,
+                             wall_s=args.wall_time, budget=budget, storage=url,
                              study_prefix=_study_name(args.model, "compare", 0, budget).replace("-seed0", ""),
                              options={n: options for n in names} if options else None,
                              progress=not args.no_progress, fresh=args.fresh)
@@ -323,11 +249,11 @@ def cmd_compare(args) -> int:
     write_comparison(results, evaluator, out, title=title)
     _say((out / "comparison.md").read_text())
     _say(f"files: comparison.csv, comparison.md, comparison.tex, hypervolume.png, fronts.png in {out}")
-    return 130 if results and results[-1].stop_reason == "interrupted" else 0
+    return 130 if results and results[-1].search.stop_reason == "interrupted" else 0
 
 
 def _load_plan_and_task(plan_path: str, model: str | None):
-    from .models import BUILTIN, load_task
+    from .tasks import BUILTIN, load_task
     from .plan import QuantizationPlan
 
     plan = QuantizationPlan.load(plan_path)

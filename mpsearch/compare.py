@@ -12,18 +12,16 @@ from typing import Sequence
 
 import pandas as pd
 
-from .budget import Budget
-from .evaluator import Evaluator
-from .search import SearchResult, Termination, search
-from .space import SearchSpace
+from .core.budget import Budget
+from .pipeline import OptimizeResult, optimize
 from .strategies import get_strategy
 
 
-def run_comparison(space: SearchSpace, evaluator: Evaluator, strategies: Sequence[str], seeds: Sequence[int],
-                   termination: Termination, budget: Budget | None = None, storage=None,
+def run_comparison(evaluator, strategies: Sequence[str], seeds: Sequence[int], *, max_evals: int | None,
+                   wall_s: float | None = None, budget: Budget | None = None, storage=None,
                    study_prefix: str = "compare", options: dict | None = None, progress: bool = False,
-                   fresh: bool = False) -> list[SearchResult]:
-    for name in strategies:  # fail before running anything on an unknown name
+                   fresh: bool = False) -> list[OptimizeResult]:
+    for name in strategies:  # fail before running anything on an unknown name or a bad option
         get_strategy(name, **(options or {}).get(name, {}))
     runs = [(s, seed) for s in strategies for seed in seeds]
     bar = None
@@ -34,13 +32,13 @@ def run_comparison(space: SearchSpace, evaluator: Evaluator, strategies: Sequenc
     results = []
     try:
         for name, seed in runs:
-            strategy = get_strategy(name, **(options or {}).get(name, {}))
-            r = search(space, evaluator, strategy, termination, seed=seed, budget=budget, storage=storage,
-                       study_name=f"{study_prefix}-{name}-seed{seed}", fresh=fresh, progress=progress)
+            r = optimize(evaluator.task, evaluator=evaluator, strategy=name, options=(options or {}).get(name),
+                         budget=budget, max_evals=max_evals, wall_s=wall_s, seed=seed, storage=storage,
+                         study=f"{study_prefix}-{name}-seed{seed}", fresh=fresh, progress=progress)
             results.append(r)
             if bar is not None:
                 bar.update(1)
-            if r.stop_reason == "interrupted":
+            if r.search.stop_reason == "interrupted":
                 break
     finally:
         if bar is not None:
@@ -48,40 +46,40 @@ def run_comparison(space: SearchSpace, evaluator: Evaluator, strategies: Sequenc
     return results
 
 
-def runs_frame(results: Sequence[SearchResult], evaluator: Evaluator) -> pd.DataFrame:
+def runs_frame(results: Sequence[OptimizeResult]) -> pd.DataFrame:
     """One row per (strategy, seed): hypervolume, best quality under budget, evaluations to 99% HV, cost."""
     from .report import evals_to_reach, hv_curve
 
-    curves = [hv_curve(r) for r in results]
+    curves = [hv_curve(res.search) for res in results]
     best_hv = max((c[-1] for c in curves if c), default=0.0)
     rows = []
-    for r, curve in zip(results, curves):
+    for res, curve in zip(results, curves):
+        r = res.search
         best = r.best()
         rows.append({
             "strategy": r.strategy, "seed": r.seed, "n_evals": r.n_evals, "hypervolume": r.hypervolume,
             "best_metric": best.metric if best else math.nan,
             "best_avg_bits": best.avg_bits if best else math.nan,
             "best_size_bytes": best.size_bytes if best else math.nan,
-            "best_validation_metric": evaluator.validate(best.candidate) if best else math.nan,
+            "best_validation_metric": res.chosen_validation_metric if best else math.nan,
             "evals_to_99pct_hv": evals_to_reach(curve, 0.99 * best_hv),
             "wall_s": r.wall_s,
             "cost_s": sum(t.wall_s for t in r.trials) + r.strategy_s,
             "strategy_s": r.strategy_s,
         })
-    evaluator.restore()
     return pd.DataFrame(rows)
 
 
-def write_comparison(results: Sequence[SearchResult], evaluator: Evaluator, out: Path, title: str = "") -> pd.DataFrame:
+def write_comparison(results: Sequence[OptimizeResult], evaluator, out: Path, title: str = "") -> pd.DataFrame:
     from . import report
 
     out = Path(out)
-    runs = runs_frame(results, evaluator)
+    runs = runs_frame(results)
     runs.to_csv(out / "comparison.csv", index=False)
     table = report.aggregate(runs)
     fp = evaluator.full_precision_bytes
     head = (f"# Strategy comparison{': ' + title if title else ''}\n\n"
-            f"{len(results)} runs; full precision {fp / 1e6:.4g} MB, {evaluator.metric.name} {evaluator.reference_metric:.4f}. "
+            f"{len(results)} runs; full precision {fp / 1e6:.4g} MB, {evaluator.metric_name} {evaluator.reference_metric:.4f}. "
             "Mean ± std over seeds. hypervolume: normalised size x quality (reference point: full-precision size, "
             "zero quality). best_metric: calibration quality of the best candidate within the budget; "
             "best_validation_metric: the same candidate on the validation split. evals_to_99pct_hv: evaluations until the "
@@ -91,16 +89,15 @@ def write_comparison(results: Sequence[SearchResult], evaluator: Evaluator, out:
     (out / "comparison.tex").write_text(report.latex_table(table, caption=title or "Strategy comparison"))
     curves: dict[str, list] = {}
     fronts: dict[str, list] = {}
-    for r in results:
+    for res in results:
+        r = res.search
         curves.setdefault(r.strategy, []).append(report.hv_curve(r))
         if r.strategy not in fronts:
             fronts[r.strategy] = report.front_trials(r)
     report.plot_hypervolume(out / "hypervolume.png", curves, title=title)
-    space = evaluator.space
-    uniform = [evaluator.evaluate(space.uniform(b)) for b in space.uniform_bits()]
-    evaluator.restore()
+    uniform = results[0].baselines if results else []
     budget = results[0].budget if results else None
-    report.plot_front(out / "fronts.png", fronts, fp, evaluator.metric.name, evaluator.reference_metric, uniform=uniform,
+    report.plot_front(out / "fronts.png", fronts, fp, evaluator.metric_name, evaluator.reference_metric, uniform=uniform,
                       budget_bytes=budget.max_bytes if budget else None,
                       title=(title + ": " if title else "") + "fronts (first seed of each strategy)")
     return runs

@@ -23,3 +23,7 @@ class PlanError(MPSearchError):
 
 class StorageError(MPSearchError):
     pass
+
+
+class OptionError(MPSearchError):
+    pass

@@ -8,26 +8,20 @@ shared evaluator makes every strategy pay the same price per evaluation.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
 
-from .cost import SizeModel
+from .core.qconfig import UNQUANTIZED_BITS
+from .core.records import Evaluation
+from .core.sizes import SizeTable
+from .core.space import Candidate, SearchSpace
+from .errors import MPSearchError
 from .metrics import Metric, get_metric
-from .quantize import UNQUANTIZED_BITS, mse, quantize_weight, sqnr_db
-from .space import Candidate, SearchSpace
-from .task import Task
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    candidate: Candidate
-    size_bytes: int
-    avg_bits: float
-    metric: float
-    wall_s: float  # what computing it cost, even when it came from the memo
-    cached: bool = False
+from .model.walk import model_fingerprint
+from .quantize import fake_quantize, mse, sqnr_db
+from .tasks.task import Task
 
 
 def _call(model: torch.nn.Module, inputs: Any):
@@ -43,10 +37,17 @@ def _concat(parts: list) -> Any:
 
 
 class Evaluator:
-    """Owns the task's model while it lives: call ``restore()`` before using the model elsewhere."""
+    """Swaps quantized weights into the task's model while it scores candidates.
+
+    Use it as a context manager (or call ``restore()``): the model gets its own weights back
+    on exit. ``mpsearch.optimize`` does this for you.
+    """
 
     def __init__(self, task: Task, space: SearchSpace, activation_bits: int = 32):
         task.check()
+        if space.fingerprint and model_fingerprint(task.model) != space.fingerprint:
+            raise MPSearchError(f"the search space was built for another model than task {task.name!r}'s "
+                                f"(fingerprint {space.fingerprint[:19]}...); build the space from this task's model")
         self.task = task
         self.space = space
         self.model = task.model.eval()
@@ -60,7 +61,7 @@ class Evaluator:
         self._memo: dict[tuple[str, Candidate], Evaluation] = {}
         self.n_forward = 0  # forward passes over a split, for tests and benchmarks
         macs = self._count_macs()
-        self.size_model = SizeModel(space, macs=macs, activation_bits=activation_bits)
+        self.sizes = SizeTable(space, macs=macs, activation_bits=activation_bits)
         self._targets = {
             "calibration": self._targets_of(self.calibration),
             "validation": self._targets_of(self.validation),
@@ -130,7 +131,7 @@ class Evaluator:
         q = self._qcache.get(key)
         if q is None:
             with torch.no_grad():
-                q = quantize_weight(self._original[layer], bits, self.space.quantizer)
+                q = fake_quantize(self._original[layer], bits, self.space.quantizer)
             self._qcache[key] = q
         return q
 
@@ -167,22 +168,22 @@ class Evaluator:
 
     # ---- scoring ---------------------------------------------------------------------------
     def evaluate(self, candidate: Sequence[int], split: str = "calibration") -> Evaluation:
-        cand = self.space.validate(candidate)
+        cand = self.space.check_candidate(candidate)
         key = (split, cand)
         hit = self._memo.get(key)
         if hit is not None:
-            return Evaluation(hit.candidate, hit.size_bytes, hit.avg_bits, hit.metric, hit.wall_s, cached=True)
+            return replace(hit, cached=True)
         t0 = time.perf_counter()
         self.apply(cand)
         batches = self.calibration if split == "calibration" else self.validation
         value = self._score(split, self._forward(batches))
         wall = time.perf_counter() - t0
-        size = self.size_model.size(cand)
+        size = self.sizes.size(cand)
         ev = Evaluation(cand, size.size_bytes, size.avg_bits, value, wall)
         self._memo[key] = ev
         return ev
 
-    def validate(self, candidate: Sequence[int]) -> float:
+    def validation_metric(self, candidate: Sequence[int]) -> float:
         """Quality on the validation split: what a chosen plan is reported with."""
         return self.evaluate(candidate, split="validation").metric
 
@@ -200,4 +201,14 @@ class Evaluator:
 
     @property
     def full_precision_bytes(self) -> int:
-        return self.size_model.full_precision_bytes
+        return self.sizes.full_precision_bytes
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric.name
+
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .core.pareto import normalize
 from .errors import TaskError
 
 
@@ -25,15 +26,7 @@ class Metric:
         return float(self.fn(outputs, targets))
 
     def normalize(self, value: float, reference: float) -> float:
-        if self.name == "kl":
-            return math.exp(value)  # value = -KL
-        if self.name == "mse":
-            return 1.0 / (1.0 - value)  # value = -MSE
-        if self.name == "sqnr":
-            return max(0.0, min(1.0, value / 40.0))
-        if reference > 0:
-            return max(0.0, value) / reference
-        return value
+        return normalize(self.name, value, reference)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

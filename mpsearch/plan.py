@@ -6,6 +6,7 @@ provenance) and refuses to be applied to a model it was not made for.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -15,9 +16,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .core.qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig
+from .core.sizes import layer_bytes
+from .core.space import LayerSpec, SearchSpace
 from .errors import PlanError
-from .quantize import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, quantize_weight
-from .space import SearchSpace, model_fingerprint
+from .model.walk import build_space, model_fingerprint
+from .quantize import fake_quantize
 
 PLAN_FORMAT = "mpsearch-plan"
 PLAN_VERSION = 1
@@ -35,17 +39,19 @@ class QuantizationPlan:
 
     # ---- construction ----------------------------------------------------------------
     @classmethod
-    def from_candidate(cls, space: SearchSpace, evaluator, candidate: Sequence[int], *, provenance: dict | None = None,
+    def from_candidate(cls, evaluator, candidate: Sequence[int], *, provenance: dict | None = None,
                        validation_metric: float | None = None, sensitivity: dict[str, float] | None = None,
                        metric: float | None = None) -> "QuantizationPlan":
-        """The plan for ``candidate``; ``metric`` defaults to the evaluator's (memoized) calibration score."""
+        """The plan for ``candidate`` in ``evaluator.space``; ``metric`` defaults to the evaluator's
+        (memoized) calibration score."""
         from . import __version__
 
-        size = evaluator.size_model.size(candidate)
+        space, sizes = evaluator.space, evaluator.sizes
+        size = sizes.size(candidate)
         if metric is None:
             metric = evaluator.evaluate(candidate).metric
         layers: dict[str, dict] = {}
-        unquantized = list(evaluator.size_model.unquantized_tensors)
+        unquantized = list(sizes.unquantized_tensors)
         for name, bits in space.layer_bits(candidate).items():
             spec = space.layers[name]
             if bits >= UNQUANTIZED_BITS:
@@ -64,7 +70,7 @@ class QuantizationPlan:
             "avg_bits": round(size.avg_bits, 6),
             "compression_ratio": round(size.compression_ratio, 6),
             "full_precision_bytes": evaluator.full_precision_bytes,
-            "bops_per_sample": evaluator.size_model.bops(candidate),
+            "bops_per_sample": sizes.bops(candidate),
             "metric_name": evaluator.metric.name,
             "metric": metric,
             "reference_metric": evaluator.reference_metric,
@@ -94,7 +100,7 @@ class QuantizationPlan:
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
-        self.validate()
+        self.check()
         tmp = p.with_name(p.name + ".tmp")
         tmp.write_text(self.to_json())
         tmp.replace(p)
@@ -112,7 +118,7 @@ class QuantizationPlan:
         if missing:
             raise PlanError(f"{source}: missing field(s) {', '.join(missing)}")
         plan = cls(d["model"], d["quantizer"], d["layers"], d["unquantized"], d["predicted"], d["provenance"])
-        return plan.validate(source)
+        return plan.check(source)
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantizationPlan":
@@ -127,7 +133,7 @@ class QuantizationPlan:
             raise PlanError(f"corrupt plan {p}: not valid JSON ({exc})") from None
         return cls.from_dict(d, str(p))
 
-    def validate(self, source: str = "plan") -> "QuantizationPlan":
+    def check(self, source: str = "plan") -> "QuantizationPlan":
         for key in ("name", "fingerprint"):
             if not isinstance(self.model, dict) or key not in self.model:
                 raise PlanError(f"{source}: model.{key} is missing")
@@ -177,22 +183,21 @@ class QuantizationPlan:
                 raise PlanError(f"plan names layer {name!r}, which the model does not have")
 
 
-def apply(plan: QuantizationPlan, model: nn.Module) -> nn.Module:
-    """Fake-quantize ``model``'s weights in place as the plan says, and return it."""
+def apply(plan: QuantizationPlan, model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The model with its weights fake-quantized as the plan says: a copy, or ``model`` itself with ``inplace``."""
     plan.check_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for name, entry in plan.layers.items():
             w = modules[name].weight
-            w.data = quantize_weight(w.data, int(entry["bits"]), plan.quantizer_config(name))
+            w.data = fake_quantize(w.data, int(entry["bits"]), plan.quantizer_config(name))
     return model
 
 
 def layer_table(plan: QuantizationPlan) -> list[dict]:
     """One row per quantized layer: name, kind, parameters, bits, bytes (with scales), sensitivity."""
-    from .cost import layer_bytes
-    from .space import LayerSpec
-
     rows = []
     for name, e in plan.layers.items():
         spec = LayerSpec(name, e.get("kind", "?"), f"{name}.weight", tuple(e["shape"]), (e["bits"],))
@@ -209,7 +214,7 @@ def pinned_space(plan: QuantizationPlan, model: nn.Module) -> SearchSpace:
     names = list(plan.layers)
     pins = {re.escape(n): int(e["bits"]) for n, e in plan.layers.items()}
     layer_choices = {re.escape(n): [int(e["bits"])] for n, e in plan.layers.items()}
-    return SearchSpace.from_model(model, choices=sorted({int(e["bits"]) for e in plan.layers.values()}) or [8],
+    return build_space(model, choices=sorted({int(e["bits"]) for e in plan.layers.values()}) or [8],
                                   include=[re.escape(n) for n in names], pin=pins, layer_choices=layer_choices,
                                   quantizer=cfg, model_name=plan.model.get("name", "model"))
 
@@ -219,14 +224,11 @@ def verify(plan: QuantizationPlan, task) -> dict:
     from .evaluator import Evaluator
 
     space = pinned_space(plan, task.model)
-    evaluator = Evaluator(task, space)  # reference outputs from the full-precision model, before apply
-    apply(plan, task.model)
-    try:
+    with Evaluator(task, space) as evaluator:  # reference outputs from the full-precision model, before apply
+        apply(plan, task.model, inplace=True)
         metric = evaluator.score_model("validation")
         calibration = evaluator.score_model("calibration")
-    finally:
-        evaluator.restore()
-    size = evaluator.size_model.size(())
+    size = evaluator.sizes.size(())
     pred = plan.predicted
     return {
         "model": plan.model.get("name"),

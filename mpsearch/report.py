@@ -4,6 +4,7 @@ This sits at the edge: it reads results, and nothing in the core imports it.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -11,9 +12,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .pareto import ParetoFront, hypervolume_curve
+from .core.pareto import hypervolume_curve
+from .core.space import SearchSpace
 from .search import SearchResult
-from .space import SearchSpace
 
 
 def _plt():
@@ -33,9 +34,7 @@ def trials_frame(result: SearchResult, space: SearchSpace, trials=None) -> pd.Da
                "avg_bits": round(t.avg_bits, 6), "compression_ratio": round(result.full_precision_bytes / t.size_bytes, 6),
                "metric": t.metric, "wall_s": round(t.wall_s, 6), "resumed": t.resumed, "cached": t.cached}
         if result.budget is not None:
-            b = result.budget
-            row["feasible"] = ((b.max_bytes is None or t.size_bytes <= b.max_bytes)
-                               and (b.max_avg_bits is None or t.avg_bits <= b.max_avg_bits + 1e-9))
+            row["feasible"] = result.budget.admits(t)
         for d, bits in zip(space.decisions, t.candidate):
             row[f"bits:{d.name}"] = bits
         rows.append(row)
@@ -43,13 +42,7 @@ def trials_frame(result: SearchResult, space: SearchSpace, trials=None) -> pd.Da
 
 
 def front_trials(result: SearchResult) -> list:
-    keys = {p.candidate for p in result.front}
-    seen, out = set(), []
-    for t in sorted(result.trials, key=lambda t: (t.size_bytes, -t.metric)):
-        if t.candidate in keys and t.candidate not in seen:
-            seen.add(t.candidate)
-            out.append(t)
-    return out
+    return list(result.front.points)
 
 
 def plot_front(path: Path, fronts: dict[str, Sequence], full_precision_bytes: int, metric_name: str,
@@ -94,7 +87,7 @@ def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> P
 
 
 def hv_curve(result: SearchResult) -> list[float]:
-    return hypervolume_curve(result.trials, result.full_precision_bytes, result.reference_metric, result.normalize)
+    return hypervolume_curve(result.trials, result.full_precision_bytes, result.reference_metric, result.metric_name)
 
 
 def plot_hypervolume(path: Path, curves: dict[str, list[list[float]]], title: str = "") -> Path:
@@ -170,3 +163,28 @@ def _cell(v) -> str:
             return "—"
         return f"{v:.4g}"
     return str(v)
+
+
+def write_run(res, out: Path, *, title: str = "", summary_extra: dict | None = None) -> dict:
+    """The run directory: trials.csv, front.csv, front.png, hypervolume.png, plan.json, plan.png and
+    summary.json (written last, listing the files). Returns the summary."""
+    out = Path(out)
+    r = res.search
+    trials_frame(r, res.space).to_csv(out / "trials.csv", index=False)
+    ftrials = front_trials(r)
+    trials_frame(r, res.space, ftrials).to_csv(out / "front.csv", index=False)
+    plot_front(out / "front.png", {r.strategy: ftrials}, r.full_precision_bytes, r.metric_name, r.reference_metric,
+               uniform=res.baselines, all_points=r.trials, budget_bytes=r.budget.max_bytes if r.budget else None,
+               title=title or f"{res.task_name}: {r.strategy}, seed {r.seed}, {r.n_evals} evaluations")
+    plot_hypervolume(out / "hypervolume.png", {r.strategy: [hv_curve(r)]})
+    files = ["summary.json", "trials.csv", "front.csv", "front.png", "hypervolume.png"]
+    plan = res.plan()
+    if plan is not None:
+        from .report_plan import plot_plan
+
+        plan.save(out / "plan.json")
+        plot_plan(plan, out / "plan.png")
+        files += ["plan.json", "plan.png"]
+    summary = {**res.summary(), **(summary_extra or {}), "files": files}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

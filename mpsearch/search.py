@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol, Sequence
 
-from .budget import Budget
+import numpy as np
+
+from .core.budget import Budget
+from .core.pareto import ParetoFront
+from .core.records import Evaluation
+from .core.sizes import SizeTable
+from .core.space import Candidate, SearchSpace
 from .errors import MPSearchError
-from .evaluator import Evaluation, Evaluator
-from .pareto import ParetoFront
-from .space import Candidate, SearchSpace
-from .storage import Trial, TrialStore
+from .storage import TrialStore
 from .strategies import SearchContext, Strategy, get_strategy
 
 MAX_STALLS = 100  # batches in a row that bring nothing new before the loop gives up on a strategy
@@ -28,16 +31,28 @@ class Termination:
             raise MPSearchError(f"wall time must be positive, got {self.wall_s}")
 
 
+class Objective(Protocol):
+    """What the loop needs from an evaluator: ``mpsearch.evaluator.Evaluator``, or a synthetic one in tests."""
+
+    space: SearchSpace
+    sizes: SizeTable
+    metric_name: str
+    reference_metric: float
+
+    def evaluate(self, candidate: Sequence[int]) -> Evaluation: ...
+
+    def remember(self, ev: Evaluation) -> None: ...
+
+
 @dataclass
 class SearchResult:
-    trials: list[Trial]
+    trials: list[Evaluation]
     strategy: str
     seed: int
     budget: Budget | None
     full_precision_bytes: int
     reference_metric: float
     metric_name: str
-    normalize: Callable[[float, float], float]
     wall_s: float = 0.0
     eval_s: float = 0.0  # time spent computing evaluations in this process
     strategy_s: float = 0.0  # time inside ask() and tell()
@@ -52,20 +67,18 @@ class SearchResult:
 
     @property
     def front(self) -> ParetoFront:
-        return ParetoFront(self.trials, self.full_precision_bytes, self.reference_metric, self.normalize)
+        return ParetoFront(self.trials, self.full_precision_bytes, self.reference_metric, self.metric_name)
 
     @property
     def hypervolume(self) -> float:
         return self.front.hypervolume()
 
-    def best(self, budget: Budget | None = None) -> Trial | None:
-        """Best trial within the budget (the search's own by default); None without a budget or a feasible trial."""
+    def best(self, budget: Budget | None = None) -> Evaluation | None:
+        """Best evaluation within the budget (the search's own by default); None without a budget or a feasible one."""
         budget = budget or self.budget
         if budget is None:
             return None
-        ok = [t for t in self.trials
-              if (budget.max_bytes is None or t.size_bytes <= budget.max_bytes)
-              and (budget.max_avg_bits is None or t.avg_bits <= budget.max_avg_bits + 1e-9)]
+        ok = [t for t in self.trials if t.ok and budget.admits(t)]
         return max(ok, key=lambda t: (t.metric, -t.size_bytes, -t.number)) if ok else None
 
 
@@ -77,7 +90,7 @@ class LocalExecutor:
     remote workers do), so the loop must not write it again. ``attach`` hands it the store.
     """
 
-    def __init__(self, evaluator: Evaluator):
+    def __init__(self, evaluator: Objective):
         self.evaluator = evaluator
 
     def attach(self, store: TrialStore) -> None:
@@ -92,45 +105,49 @@ class LocalExecutor:
 
 
 def search(
-    space: SearchSpace,
-    evaluator: Evaluator,
+    evaluator: Objective,
     strategy: Strategy | str,
     termination: Termination | None = None,
+    *,
     seed: int = 0,
     budget: Budget | None = None,
     storage=None,
     study_name: str | None = None,
     fresh: bool = False,
-    callbacks: Sequence[Callable[[Trial, "SearchResult"], None]] = (),
+    callbacks: Sequence[Callable[[Evaluation, "SearchResult"], None]] = (),
     progress: bool = False,
     executor=None,
 ) -> SearchResult:
-    """Run ``strategy`` until it is done or ``termination`` hits; every evaluation becomes a Trial.
+    """Run ``strategy`` on ``evaluator.space`` until it is done or ``termination`` hits.
 
     Candidates already in ``storage`` (same study) are read back instead of evaluated, so a
     restarted search with the same seed replays to where it stopped and goes on from there.
+    The search also ends once every candidate the budget admits has been evaluated.
     """
+    space, sizes = evaluator.space, evaluator.sizes
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
     termination = termination or Termination(max_evals=100)
     if budget is not None:
-        budget.check(evaluator.size_model)
+        budget.check(sizes)
     t_start = time.perf_counter()
     store = TrialStore(space, storage, study_name or f"{strategy.name}-seed{seed}", fresh=fresh)
     stored = {r.candidate: r for r in store.load()}
-    result = SearchResult([], strategy.name, seed, budget, evaluator.full_precision_bytes, evaluator.reference_metric,
-                          evaluator.metric.name, evaluator.metric.normalize)
+    result = SearchResult([], strategy.name, seed, budget, sizes.full_precision_bytes, evaluator.reference_metric,
+                          evaluator.metric_name)
     result.extra["study_name"] = store.study_name
     executor = executor or LocalExecutor(evaluator)
     executor.attach(store)
-    ctx = SearchContext(space, evaluator.size_model, budget, seed, termination.max_evals, evaluator.reference_metric)
+    ctx = SearchContext(space, sizes, budget, seed, termination.max_evals, evaluator.reference_metric)
+    n_feasible = sizes.count_within(budget.fits if budget is not None else lambda b, a: np.ones(len(b), bool))
+    feasible_seen: set[Candidate] = set()
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=termination.max_evals, desc=f"{strategy.name} seed {seed}", unit="eval", leave=False)
-    front: list = []
-    best: list[Trial | None] = [None]
+    front: list[Evaluation] = []
+    best: list[Evaluation | None] = [None]
     asked: dict[Candidate, Evaluation] = {}
 
     def should_stop() -> bool:
@@ -140,11 +157,13 @@ def search(
         if termination.wall_s is not None and time.perf_counter() - t_start >= termination.wall_s:
             result.stop_reason = result.stop_reason or "wall time"
             return True
+        if n_feasible is not None and len(feasible_seen) >= n_feasible:
+            result.stop_reason = result.stop_reason or "every feasible candidate evaluated"
+            return True
         return False
 
     def record(ev: Evaluation, resumed: bool, persisted: bool = False) -> None:
-        trial = Trial(len(result.trials), ev.candidate, ev.size_bytes, ev.avg_bits, ev.metric, ev.wall_s,
-                      strategy.name, seed, resumed=resumed, cached=ev.cached)
+        trial = replace(ev, number=len(result.trials), strategy=strategy.name, seed=seed, resumed=resumed)
         if not resumed:
             result.eval_s += 0.0 if ev.cached else ev.wall_s
         if not (resumed or persisted):
@@ -152,12 +171,14 @@ def search(
             store.add([trial])
             result.storage_s += time.perf_counter() - t0
         result.trials.append(trial)
-        asked[trial.candidate] = ev
+        asked[trial.candidate] = trial
+        if budget is None or budget.admits(trial):
+            feasible_seen.add(trial.candidate)
         if bar is not None:  # the running front and best only feed the progress bar
             nonlocal front
-            f = ParetoFront(front + [trial], result.full_precision_bytes, result.reference_metric, result.normalize)
+            f = ParetoFront(front + [trial], result.full_precision_bytes, result.reference_metric, result.metric_name)
             front = f.points
-            if budget is not None and budget.feasible(evaluator.size_model, trial.candidate):
+            if budget is not None and budget.admits(trial):
                 if best[0] is None or trial.metric > best[0].metric:
                     best[0] = trial
             post = {"hv": f"{f.hypervolume():.4f}"}
@@ -173,7 +194,7 @@ def search(
     try:
         while not should_stop():
             t0 = time.perf_counter()
-            batch = [space.validate(c) for c in strategy.ask()]
+            batch = [space.check_candidate(c) for c in strategy.ask()]
             result.strategy_s += time.perf_counter() - t0
             if not batch:
                 result.stop_reason = "strategy finished"
@@ -187,7 +208,7 @@ def search(
                     break
                 todo.append(c)
             for c in [c for c in todo if c in stored]:
-                ev = _from_record(stored[c])
+                ev = stored[c]
                 evaluator.remember(ev)
                 result.n_resumed += 1
                 record(ev, resumed=True)
@@ -209,7 +230,3 @@ def search(
             bar.close()
         result.wall_s = time.perf_counter() - t_start
     return result
-
-
-def _from_record(r: Trial) -> Evaluation:
-    return Evaluation(r.candidate, r.size_bytes, r.avg_bits, r.metric, r.wall_s, cached=r.cached)

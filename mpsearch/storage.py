@@ -9,34 +9,15 @@ never pays for them again.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import optuna
 
 from .errors import StorageError
-from .space import Candidate, SearchSpace
+from .core.records import Evaluation
+from .core.space import SearchSpace
 
 DIRECTIONS = ["minimize", "maximize"]  # size_bytes, metric
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One evaluation: what was asked, what it scored, what it cost and who asked."""
-
-    number: int
-    candidate: Candidate
-    size_bytes: int
-    avg_bits: float
-    metric: float
-    wall_s: float
-    strategy: str
-    seed: int
-    resumed: bool = False  # read back from storage rather than computed in this process
-    cached: bool = False  # the evaluator had it already (another strategy on a shared evaluator)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def quiet_optuna() -> None:
@@ -95,8 +76,7 @@ class TrialStore:
 
     def _check_space(self) -> None:
         attrs = self.study.user_attrs
-        sig = {"fingerprint": self.space.fingerprint, "decisions": [d.name for d in self.space.decisions],
-               "choices": [list(d.choices) for d in self.space.decisions]}
+        sig = self.space.signature()
         if "space" not in attrs:
             self.study.set_user_attr("space", sig)
         elif attrs["space"] != sig:
@@ -105,7 +85,7 @@ class TrialStore:
                 "use another --out/--study or --fresh to start over"
             )
 
-    def load(self) -> list[Trial]:
+    def load(self) -> list[Evaluation]:
         out = []
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             try:
@@ -113,12 +93,10 @@ class TrialStore:
             except KeyError:
                 continue
             ua = t.user_attrs
-            out.append(Trial(ua.get("order", t.number), cand, int(t.values[0]), float(ua["avg_bits"]), float(t.values[1]),
-                             float(ua.get("wall_s", 0.0)), ua.get("strategy", "?"), int(ua.get("seed", 0)),
-                             resumed=True, cached=bool(ua.get("cached", False))))
+            out.append(record_of(t, cand))
         return sorted(out, key=lambda r: r.number)
 
-    def add(self, trials: Iterable[Trial]) -> None:
+    def add(self, trials: Iterable[Evaluation]) -> None:
         frozen = []
         for r in trials:
             frozen.append(optuna.trial.create_trial(
@@ -129,3 +107,11 @@ class TrialStore:
                             "seed": r.seed, "cached": r.cached},
             ))
         self.study.add_trials(frozen)
+
+
+def record_of(t, candidate) -> Evaluation:
+    """The evaluation a COMPLETE optuna trial holds (written by ``TrialStore.add`` or a worker)."""
+    ua = t.user_attrs
+    return Evaluation(candidate, int(t.values[0]), float(ua["avg_bits"]), float(t.values[1]), float(ua.get("wall_s", 0.0)),
+                      cached=bool(ua.get("cached", False)), number=ua.get("order", t.number),
+                      strategy=ua.get("strategy", "?"), seed=int(ua.get("seed", 0)), resumed=True)

@@ -40,23 +40,22 @@ import sys
 import threading
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
+from .core.records import Evaluation
+from .core.space import Candidate
 from .errors import MPSearchError, StorageError
-from .evaluator import Evaluation
-from .space import Candidate
-from .storage import _engine_kwargs, _redact, open_storage, quiet_optuna
+from .optuna_rdb import TrialLost, complete, frozen_trial_id, swap_state
+from .storage import _engine_kwargs, _redact, open_storage, quiet_optuna, record_of
 
-ATTR_TASK = "worker_task"
-ATTR_DONE = "done"
-ATTR_ERROR = "worker_error"  # the last worker that could not start, and why
-ERROR_ATTR = "mpsearch_error"  # system attribute of a trial whose evaluation raised
-WORKER_ATTR = "mpsearch_worker"  # system attribute: host:pid of the worker that claimed the trial
+STUDY_TASK = "worker_task"  # study user attribute: what a worker loads (model spec, space file, heartbeats)
+STUDY_DONE = "done"  # study user attribute: set when the driver closes
+STUDY_WORKER_ERROR = "worker_error"  # study user attribute: the last worker that could not start, and why
+TRIAL_ERROR = "mpsearch_error"  # trial system attribute: why its evaluation raised
 PARENT_ENV = "MPSEARCH_WORKER_PARENT"  # local workers exit when this process goes away
 HEARTBEAT_ENV = "MPSEARCH_HEARTBEAT_S"
 GRACE_ENV = "MPSEARCH_GRACE_S"
@@ -65,13 +64,7 @@ DEFAULT_MAX_RETRY = 3
 _LIVE = (TrialState.WAITING, TrialState.RUNNING)
 
 
-# ---- storage primitives ----------------------------------------------------------------------
-def _backend(storage):
-    """The RDBStorage under optuna's cache wrapper, or None for other storages."""
-    inner = getattr(storage, "_backend", storage)
-    return inner if isinstance(inner, optuna.storages.RDBStorage) else None
-
-
+# ---- storage ----------------------------------------------------------------------------------
 def heartbeat_storage(url: str, heartbeat_s: int, grace_s: int | None = None, max_retry: int | None = DEFAULT_MAX_RETRY):
     """An RDB storage with heartbeats on, whose stale RUNNING trials are re-queued (up to ``max_retry`` times).
 
@@ -91,104 +84,12 @@ def heartbeat_storage(url: str, heartbeat_s: int, grace_s: int | None = None, ma
             raise StorageError(f"cannot open storage {_redact(url)}: {msg}") from None
 
 
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)  # optuna stores naive UTC
-
-
-def _swap_state(storage, trial_id: int, old: TrialState, new: TrialState, claimant: str | None = None) -> bool:
-    """Atomically move a trial from ``old`` to ``new``; False when it was not in ``old`` any more.
-
-    With ``claimant`` (a claim) the same transaction records the trial's heartbeat, so a
-    claimed trial is never RUNNING without one (optuna ignores RUNNING trials that have no
-    heartbeat), and the system attribute ``mpsearch_worker`` (who evaluates it).
-    """
-    backend = _backend(storage)
-    if backend is None:  # journal or in-memory storage: optuna's own update (atomic under their locks)
-        if new == TrialState.RUNNING and old == TrialState.WAITING:
-            return storage.set_trial_state_values(trial_id, TrialState.RUNNING)
-        try:
-            if storage.get_trial(trial_id).state != old:
-                return False
-            return storage.set_trial_state_values(trial_id, new)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-    import sqlalchemy
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    table = models.TrialModel.__table__
-    values = {"state": new}
-    if new == TrialState.RUNNING and old == TrialState.WAITING:
-        values["datetime_start"] = _utcnow()
-    elif new.is_finished():
-        values["datetime_complete"] = _utcnow()
-    with _create_scoped_session(backend.scoped_session) as session:
-        res = session.execute(sqlalchemy.update(table).where(table.c.trial_id == trial_id, table.c.state == old)
-                              .values(**values))
-        if res.rowcount != 1:
-            return False
-        if claimant is not None:
-            backend._set_trial_attr_without_commit(session, models.TrialSystemAttributeModel, trial_id, WORKER_ATTR,
-                                                   claimant)
-            hb = models.TrialHeartbeatModel.where_trial_id(trial_id, session, for_update=True)
-            if hb is None:
-                session.add(models.TrialHeartbeatModel(trial_id=trial_id))
-            else:
-                hb.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
-    return True
-
-
-class TrialLost(Exception):
-    """The trial is not ours any more (the driver failed it as stale, or cancelled it)."""
-
-
-def _complete(storage, trial_id: int, params: dict[str, int], distributions: dict, user_attrs: dict,
-              values: Sequence[float]) -> None:
-    """Params, user attributes, values and COMPLETE in one transaction, only if the trial is still RUNNING."""
-    backend = _backend(storage)
-    if backend is None:
-        try:
-            for name, bits in params.items():
-                dist = distributions[name]
-                storage.set_trial_param(trial_id, name, dist.to_internal_repr(bits), dist)
-            for k, v in user_attrs.items():
-                storage.set_trial_user_attr(trial_id, k, v)
-            if not storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values=list(values)):
-                raise TrialLost(trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raise TrialLost(trial_id) from None
-        return
-    import sqlalchemy
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    table = models.TrialModel.__table__
-    with _create_scoped_session(backend.scoped_session) as session:
-        # A no-op update that takes the row's write lock (the database's, on SQLite) while the
-        # trial is still RUNNING: the driver cannot fail it between this check and the commit.
-        res = session.execute(sqlalchemy.update(table).where(table.c.trial_id == trial_id,
-                                                             table.c.state == TrialState.RUNNING)
-                              .values(state=TrialState.RUNNING))
-        if res.rowcount != 1:
-            raise TrialLost(trial_id)
-        for name, bits in params.items():
-            dist = distributions[name]
-            backend._set_trial_param_without_commit(session, trial_id, name, dist.to_internal_repr(bits), dist, dist)
-        for k, v in user_attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, k, v)
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        for i, v in enumerate(values):
-            backend._set_trial_value_without_commit(session, trial, i, float(v))
-        session.execute(sqlalchemy.update(table).where(table.c.trial_id == trial_id)
-                        .values(state=TrialState.COMPLETE, datetime_complete=_utcnow()))
-
-
 def _fail_with_error(storage, trial_id: int, message: str) -> None:
     try:
-        storage.set_trial_system_attr(trial_id, ERROR_ATTR, message[:2000])
+        storage.set_trial_system_attr(trial_id, TRIAL_ERROR, message[:2000])
     except optuna.exceptions.UpdateFinishedTrialError:
         return
-    _swap_state(storage, trial_id, TrialState.RUNNING, TrialState.FAIL)
+    swap_state(storage, trial_id, TrialState.RUNNING, TrialState.FAIL)
 
 
 def _fail_stale(study) -> None:
@@ -205,11 +106,6 @@ def _fixed_candidate(trial, names: Sequence[str]) -> Candidate | None:
         return tuple(int(fp[n]) for n in names)
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def _space_signature(space) -> dict:
-    return {"fingerprint": space.fingerprint, "decisions": [d.name for d in space.decisions],
-            "choices": [list(d.choices) for d in space.decisions]}
 
 
 # ---- the driver's side ---------------------------------------------------------------------------
@@ -260,10 +156,10 @@ class QueueExecutor:
         self.study = optuna.load_study(study_name=store.study_name, storage=self.storage)
         self.study_name = store.study_name
         self.names = [d.name for d in store.space.decisions]
-        self.study.set_user_attr(ATTR_TASK, {"model": self.model, "search_space": self.search_space,
+        self.study.set_user_attr(STUDY_TASK, {"model": self.model, "search_space": self.search_space,
                                              "heartbeat_s": self.heartbeat_s, "grace_s": self.grace_s})
-        self.study.set_user_attr(ATTR_DONE, False)
-        self.study.set_user_attr(ATTR_ERROR, None)
+        self.study.set_user_attr(STUDY_DONE, False)
+        self.study.set_user_attr(STUDY_WORKER_ERROR, None)
         self._worker_error = None
         self._start_local()
 
@@ -326,7 +222,7 @@ class QueueExecutor:
             try:
                 if self._ours:
                     self._cancel(self._ours)
-                self.study.set_user_attr(ATTR_DONE, True)
+                self.study.set_user_attr(STUDY_DONE, True)
             except Exception as exc:  # closing must not hide the error that brought us here
                 self.log(f"mpsearch: could not mark study done: {type(exc).__name__}: {exc}")
         deadline = time.monotonic() + max(10.0, 2.0 * self.max_poll_s + 5.0)
@@ -365,12 +261,10 @@ class QueueExecutor:
         new = False
         for c, t in best.items():
             if t.state == TrialState.COMPLETE:
-                ua = t.user_attrs
-                done[c] = Evaluation(c, int(t.values[0]), float(ua["avg_bits"]), float(t.values[1]),
-                                     float(ua.get("wall_s", 0.0)), cached=bool(ua.get("cached", False)))
+                done[c] = record_of(t, c)
                 new = True
             elif t.state == TrialState.FAIL:
-                err = t.system_attrs.get(ERROR_ATTR)
+                err = t.system_attrs.get(TRIAL_ERROR)
                 if err:
                     raise MPSearchError(f"a worker could not evaluate {list(c)}: {err}")
                 n = len(t.system_attrs.get("retry_history", [])) + 1
@@ -384,7 +278,7 @@ class QueueExecutor:
     def _cancel(self, cands: set) -> None:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             if _fixed_candidate(t, self.names) in cands:
-                _swap_state(self.storage, t._trial_id, TrialState.WAITING, TrialState.FAIL)
+                swap_state(self.storage, frozen_trial_id(t), TrialState.WAITING, TrialState.FAIL)
 
     def _start_local(self) -> None:
         if not self.n_local or self.processes:
@@ -401,7 +295,7 @@ class QueueExecutor:
             self.processes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
 
     def _check_workers(self) -> None:
-        err = self.study.user_attrs.get(ATTR_ERROR)
+        err = self.study.user_attrs.get(STUDY_WORKER_ERROR)
         if err and err != self._worker_error:
             self._worker_error = err
             self.log(f"mpsearch: worker {err.get('worker')} could not start: {err.get('error')}")
@@ -422,15 +316,15 @@ def _abs_model_spec(model: str) -> str:
     return model
 
 
-def local_pool(args, url: str, study: str, space, evaluator) -> QueueExecutor:
+def local_pool(model: str, search_space: str | None, url: str, n_workers: int, strategy: str,
+               seed: int) -> QueueExecutor:
     """``mpsearch search --workers N``: N worker processes on this machine, sharing ``url``."""
-    from .spaces import resolve_space_file
+    from .model.space_files import resolve_space_file
 
-    if args.workers < 0:
-        raise MPSearchError(f"--workers must be zero or positive, got {args.workers}")
-    search_space = str(resolve_space_file(args.search_space).resolve()) if args.search_space else None
-    return QueueExecutor(url, _abs_model_spec(args.model), search_space, n_local=args.workers,
-                         strategy=args.strategy, seed=args.seed)
+    if n_workers < 0:
+        raise MPSearchError(f"--workers must be zero or positive, got {n_workers}")
+    space_file = str(resolve_space_file(search_space).resolve()) if search_space else None
+    return QueueExecutor(url, _abs_model_spec(model), space_file, n_local=n_workers, strategy=strategy, seed=seed)
 
 
 # ---- the worker's side ---------------------------------------------------------------------------
@@ -455,8 +349,8 @@ def run_worker(storage_url: str, study_name: str, *, wait_s: float = 300.0, poll
                max_poll_s: float = 0.2, max_trials: int | None = None, verbose: bool = True) -> int:
     """Evaluate queued trials of ``study_name`` until the driver says done and nothing waits. Returns an exit code."""
     from .evaluator import Evaluator
-    from .models import load_task
-    from .spaces import space_for
+    from .model.space_files import space_for
+    from .tasks import load_task
 
     def say(msg: str) -> None:
         if verbose:
@@ -468,18 +362,18 @@ def run_worker(storage_url: str, study_name: str, *, wait_s: float = 300.0, poll
         raise MPSearchError(f"study {study_name!r} with a worker task did not appear in {_redact(storage_url)} "
                             f"within {wait_s:.0f} s; start the search (the driver) first")
     attrs = study.user_attrs
-    wt = attrs[ATTR_TASK]
+    wt = attrs[STUDY_TASK]
     me = f"{socket.gethostname()}:{os.getpid()}"
     try:
         task = load_task(wt["model"])
         space = space_for(task, wt.get("search_space"))
-        if attrs.get("space") != _space_signature(space):
+        if attrs.get("space") != space.signature():
             raise MPSearchError(f"study {study_name!r} was made for another search space or model than "
                                 f"{wt['model']!r} gives here (check the model and the search-space file)")
         evaluator = Evaluator(task, space)
     except Exception as exc:  # tell the driver too: it may be waiting for workers that will never come
         try:
-            study.set_user_attr(ATTR_ERROR, {"worker": me, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            study.set_user_attr(STUDY_WORKER_ERROR, {"worker": me, "error": f"{type(exc).__name__}: {exc}"[:2000]})
         except Exception:
             pass
         raise
@@ -502,17 +396,17 @@ def run_worker(storage_url: str, study_name: str, *, wait_s: float = 300.0, poll
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             claimed = None
             for t in waiting:
-                if _swap_state(storage, t._trial_id, TrialState.WAITING, TrialState.RUNNING, claimant=me):
+                if swap_state(storage, frozen_trial_id(t), TrialState.WAITING, TrialState.RUNNING, claimant=me):
                     claimed = t
                     break
             if claimed is None:
-                if not waiting and study.user_attrs.get(ATTR_DONE):
+                if not waiting and study.user_attrs.get(STUDY_DONE):
                     break
                 time.sleep(delay)
                 delay = min(delay * 1.5, max_poll_s)
                 continue
             delay = poll_s
-            current = claimed._trial_id
+            current = frozen_trial_id(claimed)
             cand = _fixed_candidate(claimed, names)
             stop = threading.Event()
             beat = threading.Thread(target=_heartbeat_loop, args=(storage, current, interval, stop), daemon=True)
@@ -535,7 +429,7 @@ def run_worker(storage_url: str, study_name: str, *, wait_s: float = 300.0, poll
             ua = dict(claimed.user_attrs)
             ua.update({"avg_bits": ev.avg_bits, "wall_s": ev.wall_s, "cached": ev.cached, "worker": me})
             try:
-                _complete(storage, current, dict(zip(names, ev.candidate)), dists, ua,
+                complete(storage, current, dict(zip(names, ev.candidate)), dists, ua,
                           [float(ev.size_bytes), float(ev.metric)])
                 n_done += 1
             except TrialLost:
@@ -543,7 +437,7 @@ def run_worker(storage_url: str, study_name: str, *, wait_s: float = 300.0, poll
             current = None
     except (_Stop, KeyboardInterrupt):
         if current is not None:  # give the trial back at once rather than after the grace period
-            _swap_state(storage, current, TrialState.RUNNING, TrialState.WAITING)
+            swap_state(storage, current, TrialState.RUNNING, TrialState.WAITING)
         say("stopped")
         return 130
     finally:
@@ -558,7 +452,7 @@ def _wait_for_study(storage, study_name: str, wait_s: float):
     while True:
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
-            if ATTR_TASK in study.user_attrs:
+            if STUDY_TASK in study.user_attrs:
                 return study
         except KeyError:
             pass

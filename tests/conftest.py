@@ -11,21 +11,21 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(scope="session")
 def digits_task():
-    from mpsearch.models import load_task
+    from mpsearch.tasks import load_task
 
     return load_task("digits")
 
 
 @pytest.fixture(scope="session")
 def digits_space(digits_task):
-    from mpsearch.spaces import space_for
+    from mpsearch.model import space_for
 
     return space_for(digits_task)
 
 
 @pytest.fixture(scope="session")
 def digits_small_space(digits_task):
-    from mpsearch.spaces import space_for
+    from mpsearch.model import space_for
 
     return space_for(digits_task, "digits_small")
 
@@ -41,8 +41,8 @@ def digits_evaluator(digits_task, digits_space):
 def digits_small_evaluator():
     """Its own copy of the task: an evaluator owns its model's weights while it lives."""
     from mpsearch.evaluator import Evaluator
-    from mpsearch.models import load_task
-    from mpsearch.spaces import space_for
+    from mpsearch.tasks import load_task
+    from mpsearch.model import space_for
 
     task = load_task("digits")
     return Evaluator(task, space_for(task, "digits_small"))
@@ -50,14 +50,14 @@ def digits_small_evaluator():
 
 @pytest.fixture(scope="session")
 def minilm_task():
-    from mpsearch.models import load_task
+    from mpsearch.tasks import load_task
 
     return load_task("minilm")
 
 
 @pytest.fixture(scope="session")
 def minilm_space(minilm_task):
-    from mpsearch.spaces import space_for
+    from mpsearch.model import space_for
 
     return space_for(minilm_task)
 

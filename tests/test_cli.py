@@ -17,28 +17,48 @@ from mpsearch.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SLOW_TASK = '''
+STOPPABLE_TASK = '''
+import os
+import sqlite3
 import time
+from pathlib import Path
+
 import torch
-from mpsearch.models import digits
+from mpsearch.tasks import digits
 
 
-class Slow(torch.nn.Module):
-    """The digits CNN, slowed down so that a test can kill the search mid-way."""
+def n_stored(db):
+    try:
+        con = sqlite3.connect(db)
+        try:
+            return con.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
 
-    def __init__(self, inner, delay):
+
+class Stoppable(torch.nn.Module):
+    """The digits CNN. With MPSEARCH_TEST_HANG=N:DB:MARKER, the first forward that finds N evaluations
+    stored in DB writes MARKER and never returns, so a test can kill the search at a known point."""
+
+    def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.delay = delay
 
     def forward(self, x):
-        time.sleep(self.delay)
+        hang = os.environ.get("MPSEARCH_TEST_HANG")
+        if hang:
+            n, db, marker = hang.split(":", 2)
+            if n_stored(db) >= int(n):
+                Path(marker).write_text("hanging")
+                time.sleep(3600)
         return self.inner(x)
 
 
 def make_task():
     task = digits.load_task()
-    task.model = Slow(task.model, {delay})
+    task.model = Stoppable(task.model)
     task.calibration = task.calibration[:1]
     task.name = "slow-digits"
     return task
@@ -47,7 +67,7 @@ def make_task():
 OTHER_MODEL_TASK = '''
 import torch
 from mpsearch import Task
-from mpsearch.models import digits
+from mpsearch.tasks import digits
 
 
 def make_task():
@@ -154,24 +174,25 @@ def _complete_trials(db: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("strategy", ["random", "pso"])
 def test_sigkill_then_resume_finishes_with_exactly_max_evals(tmp_path, strategy):
-    task_file = tmp_path / "slow_task.py"
-    task_file.write_text(SLOW_TASK.replace("{delay}", "0.03"))
+    task_file = tmp_path / "stoppable_task.py"
+    task_file.write_text(STOPPABLE_TASK)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mpsearch.cli", "search", "--model", f"{task_file}:make_task", "--strategy", strategy,
            "--max-evals", "40", "--avg-bits", "3", "--seed", "1", "--out", str(out), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db = out / "trials.db"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if db.exists() and len(_complete_trials(db)) >= 10:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the search finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    db, marker = out / "trials.db", tmp_path / "hanging"
+    proc = subprocess.Popen(cmd, env={**env, "MPSEARCH_TEST_HANG": f"10:{db}:{marker}"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240  # generous: the search hangs by itself once 10 evaluations are stored
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no hang"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     stored_before = _complete_trials(db)
-    assert 10 <= len(stored_before) < 40
+    assert len(stored_before) == 10
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from mpsearch.cost import SizeModel, layer_bytes
-from mpsearch.models.digits import load_model as load_digits_model
-from mpsearch.quantize import QuantizerConfig
-from mpsearch.space import SearchSpace
+from mpsearch.core import SizeTable, layer_bytes
+from mpsearch.tasks.digits import load_model as load_digits_model
+from mpsearch.core import QuantizerConfig
+from mpsearch.model import build_space
 
 # DigitsCNN weights by hand: conv 1->16 3x3, conv 16->32 3x3, conv 32->32 3x3, linear 128->128, 128->64, 64->10
 DIGITS_WEIGHTS = {
@@ -45,56 +45,56 @@ class OneLinear(nn.Module):
 # ---- single layers ------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8, 12, 15])
 def test_per_channel_symmetric_linear_with_bias(bits):
-    space = SearchSpace.from_model(OneLinear(10, 6), [bits])
-    sm = SizeModel(space)
+    space = build_space(OneLinear(10, 6), [bits])
+    sm = SizeTable(space)
     # 60 weights packed + 6 float16 scales + 6 float32 biases
     expected = ceil8(60 * bits) + 6 * 2 + 6 * 4
     assert sm.size_bytes((bits,)) == expected
 
 
 def test_per_channel_asymmetric_counts_zero_points():
-    space = SearchSpace.from_model(OneLinear(10, 6), [3], quantizer={"scheme": "asymmetric"})
+    space = build_space(OneLinear(10, 6), [3], quantizer={"scheme": "asymmetric"})
     # 180 bits -> 23 bytes, 6 scales x 2 bytes, 6 zero-points x 1 byte, bias 24 bytes
-    assert SizeModel(space).size_bytes((3,)) == 23 + 12 + 6 + 24 == 65
+    assert SizeTable(space).size_bytes((3,)) == 23 + 12 + 6 + 24 == 65
 
 
 def test_per_group_with_ragged_last_group():
-    sym = SearchSpace.from_model(OneLinear(10, 6), [3], quantizer={"granularity": "per-group", "group_size": 4})
-    asym = SearchSpace.from_model(
+    sym = build_space(OneLinear(10, 6), [3], quantizer={"granularity": "per-group", "group_size": 4})
+    asym = build_space(
         OneLinear(10, 6), [3], quantizer={"scheme": "asymmetric", "granularity": "per-group", "group_size": 4}
     )
     # each row of 10 -> groups of 4, 4, 2 (ragged): 18 groups
-    assert SizeModel(sym).size_bytes((3,)) == 23 + 18 * 2 + 24 == 83
-    assert SizeModel(asym).size_bytes((3,)) == 23 + 18 * 2 + 18 * 1 + 24 == 101
+    assert SizeTable(sym).size_bytes((3,)) == 23 + 18 * 2 + 24 == 83
+    assert SizeTable(asym).size_bytes((3,)) == 23 + 18 * 2 + 18 * 1 + 24 == 101
 
 
 def test_per_group_conv_groups_run_over_in_channels_and_kernel():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))  # weight (4, 3, 3, 3): 27 per output channel, bias 4
-    space = SearchSpace.from_model(model, [4], quantizer={"granularity": "per-group", "group_size": 8})
+    space = build_space(model, [4], quantizer={"granularity": "per-group", "group_size": 8})
     # 27 -> 8, 8, 8, 3: 4 groups per channel, 16 groups; 108 weights x 4 bits = 54 bytes
-    assert SizeModel(space).size_bytes((4,)) == 54 + 16 * 2 + 4 * 4
+    assert SizeTable(space).size_bytes((4,)) == 54 + 16 * 2 + 4 * 4
     # a group size that divides the row exactly: 27 / 9 = 3 groups per channel
-    space9 = SearchSpace.from_model(model, [4], quantizer={"granularity": "per-group", "group_size": 9})
-    assert SizeModel(space9).size_bytes((4,)) == 54 + 12 * 2 + 4 * 4
+    space9 = build_space(model, [4], quantizer={"granularity": "per-group", "group_size": 9})
+    assert SizeTable(space9).size_bytes((4,)) == 54 + 12 * 2 + 4 * 4
 
 
 def test_scale_and_zero_point_bits_are_configurable():
     cfg = {"scheme": "asymmetric", "scale_bits": 32, "zero_point_bits": 4}
-    space = SearchSpace.from_model(OneLinear(10, 6), [5], quantizer=cfg)
+    space = build_space(OneLinear(10, 6), [5], quantizer=cfg)
     # 300 bits -> 38 bytes; 6 scales x 4 bytes; 6 zero-points x 4 bits = 3 bytes; bias 24
-    assert SizeModel(space).size_bytes((5,)) == 38 + 24 + 3 + 24
+    assert SizeTable(space).size_bytes((5,)) == 38 + 24 + 3 + 24
 
 
 def test_float16_and_unquantized():
-    space = SearchSpace.from_model(OneLinear(10, 6), [4, 16, 32])
-    sm = SizeModel(space)
+    space = build_space(OneLinear(10, 6), [4, 16, 32])
+    sm = SizeTable(space)
     assert sm.size_bytes((16,)) == 60 * 2 + 24  # no scales for float16
     assert sm.size_bytes((32,)) == 60 * 4 + 24
     assert sm.size_bytes((4,)) == 30 + 12 + 24
 
 
 def test_layer_bytes_directly():
-    space = SearchSpace.from_model(OneLinear(7, 3, bias=False), [2])
+    space = build_space(OneLinear(7, 3, bias=False), [2])
     layer = space.layers["fc"]
     cfg = QuantizerConfig()
     assert layer_bytes(layer, 2, cfg) == ceil8(21 * 2) + 3 * 2 == 12
@@ -103,16 +103,16 @@ def test_layer_bytes_directly():
 
 
 def test_packing_is_one_bitstream_per_tensor_not_per_row():
-    space = SearchSpace.from_model(OneLinear(7, 3, bias=False), [3])
+    space = build_space(OneLinear(7, 3, bias=False), [3])
     # 21 weights x 3 bits = 63 bits -> 8 bytes (padding each row of 7 would give 3 x ceil(21/8) = 9)
-    assert SizeModel(space).size_bytes((3,)) == 8 + 3 * 2
+    assert SizeTable(space).size_bytes((3,)) == 8 + 3 * 2
 
 
 # ---- several layers, pins ------------------------------------------------------------------
 def test_digits_mixed_candidate_by_hand():
     model = load_digits_model()
-    space = SearchSpace.from_model(model, [2, 3, 4, 5, 6, 8, 16, 32], pin={r"classifier\.5": 8})
-    sm = SizeModel(space)
+    space = build_space(model, [2, 3, 4, 5, 6, 8, 16, 32], pin={r"classifier\.5": 8})
+    sm = SizeTable(space)
     cand = (2, 3, 4, 16, 32)  # features.0, features.2, features.5, classifier.1, classifier.3
     expected = (
         ceil8(144 * 2) + 16 * 2
@@ -127,7 +127,7 @@ def test_digits_mixed_candidate_by_hand():
 
 
 def test_digits_uniform_size_matches_every_layer_by_hand(digits_space):
-    sm = SizeModel(digits_space)
+    sm = SizeTable(digits_space)
     for bits in (2, 3, 4, 5, 6, 8):
         expected = sum(ceil8(o * i * bits) + o * 2 for o, i in DIGITS_WEIGHTS.values()) + DIGITS_BIAS * 4
         assert sm.size_bytes(digits_space.uniform(bits)) == expected
@@ -145,8 +145,8 @@ def _real_bytes(model: nn.Module) -> int:
 
 def test_digits_unquantized_is_the_real_parameter_bytes():
     model = load_digits_model()
-    space = SearchSpace.from_model(model, [32])
-    sm = SizeModel(space)
+    space = build_space(model, [32])
+    sm = SizeTable(space)
     assert DIGITS_PARAMS == 39466
     assert sm.size_bytes(space.uniform(32)) == DIGITS_PARAMS * 4 == _real_bytes(model)
     assert sm.full_precision_bytes == DIGITS_PARAMS * 4
@@ -154,8 +154,8 @@ def test_digits_unquantized_is_the_real_parameter_bytes():
 
 def test_minilm_unquantized_is_the_real_parameter_bytes(minilm_task):
     model = minilm_task.model
-    space = SearchSpace.from_model(model, [8, 32], types=["Linear", "Embedding"])
-    sm = SizeModel(space)
+    space = build_space(model, [8, 32], types=["Linear", "Embedding"])
+    sm = SizeTable(space)
     real = _real_bytes(model)
     assert sm.size_bytes(space.uniform(32)) == real == sm.full_precision_bytes
     # all-MiniLM-L6-v2 has about 22.7 M float32 parameters
@@ -173,8 +173,8 @@ class WithBuffers(nn.Module):
 
 def test_persistent_buffers_count_and_non_persistent_do_not():
     model = WithBuffers()
-    space = SearchSpace.from_model(model, [4, 32])
-    sm = SizeModel(space)
+    space = build_space(model, [4, 32])
+    sm = SizeTable(space)
     # fc 40 + 5, bn weight/bias 10, running mean/var 10 (float32), num_batches_tracked int64, table 7 float64
     other = 5 * 4 + 10 * 4 + 10 * 4 + 8 + 7 * 8
     assert sm.size_bytes((32,)) == 40 * 4 + other == _real_bytes(model)
@@ -194,8 +194,8 @@ class TiedLM(nn.Module):
 
 def test_tied_weight_is_one_decision_counted_once():
     model = TiedLM()
-    space = SearchSpace.from_model(model, [4, 32])
-    sm = SizeModel(space)
+    space = build_space(model, [4, 32])
+    sm = SizeTable(space)
     assert space.n_decisions == 1
     assert sm.size_bytes((32,)) == 40 * 4 == _real_bytes(model)
     assert sm.size_bytes((4,)) == 20 + 10 * 2
@@ -207,8 +207,8 @@ def test_tied_weight_counted_once_when_only_the_linear_is_searched():
     The evaluator quantizes the one shared tensor, so the model holds it once, quantized.
     """
     model = TiedLM()
-    space = SearchSpace.from_model(model, [4, 32], types=["Linear"])
-    sm = SizeModel(space)
+    space = build_space(model, [4, 32], types=["Linear"])
+    sm = SizeTable(space)
     assert space.n_decisions == 1
     assert sm.size_bytes((32,)) == 40 * 4 == _real_bytes(model)
     assert sm.size_bytes((4,)) == 20 + 10 * 2
@@ -217,7 +217,7 @@ def test_tied_weight_counted_once_when_only_the_linear_is_searched():
 
 # ---- average bits and compression ratio ------------------------------------------------------
 def test_avg_bits_is_the_weighted_mean_over_searched_weights(digits_space):
-    sm = SizeModel(digits_space)
+    sm = SizeTable(digits_space)
     n = [o * i for o, i in DIGITS_WEIGHTS.values()]
     for bits in (2, 3, 4, 5, 6, 8):
         assert sm.avg_bits(digits_space.uniform(bits)) == pytest.approx(bits)
@@ -229,8 +229,8 @@ def test_avg_bits_is_the_weighted_mean_over_searched_weights(digits_space):
 
 def test_avg_bits_with_pinned_and_float16_layers():
     model = load_digits_model()
-    space = SearchSpace.from_model(model, [2, 4, 16], pin={r"classifier\.1": 16, r"features\.0": 2})
-    sm = SizeModel(space)
+    space = build_space(model, [2, 4, 16], pin={r"classifier\.1": 16, r"features\.0": 2})
+    sm = SizeTable(space)
     cand = (4, 4, 2, 16)  # features.2, features.5, classifier.3, classifier.5
     expected = (144 * 2 + 4608 * 4 + 9216 * 4 + 16384 * 16 + 8192 * 2 + 640 * 16) / (144 + 4608 + 9216 + 16384 + 8192 + 640)
     assert sm.avg_bits(cand) == pytest.approx(expected)
@@ -238,8 +238,8 @@ def test_avg_bits_with_pinned_and_float16_layers():
 
 def test_avg_bits_all_unquantized_is_32():
     model = load_digits_model()
-    space = SearchSpace.from_model(model, [4, 32])
-    assert SizeModel(space).avg_bits(space.uniform(32)) == pytest.approx(32.0)
+    space = build_space(model, [4, 32])
+    assert SizeTable(space).avg_bits(space.uniform(32)) == pytest.approx(32.0)
 
 
 def test_avg_bits_never_falls_when_a_layer_gets_more_bits():
@@ -249,8 +249,8 @@ def test_avg_bits_never_falls_when_a_layer_gets_more_bits():
     --avg-bits budget is met by leaving layers unquantized.
     """
     model = load_digits_model()
-    space = SearchSpace.from_model(model, [4, 8, 16, 32])
-    sm = SizeModel(space)
+    space = build_space(model, [4, 8, 16, 32])
+    sm = SizeTable(space)
     rng = np.random.default_rng(0)
     for _ in range(200):
         idx = [int(rng.integers(k)) for k in space.n_choices]
@@ -268,7 +268,7 @@ def test_avg_bits_never_falls_when_a_layer_gets_more_bits():
 
 
 def test_compression_ratio_definition(digits_space):
-    sm = SizeModel(digits_space)
+    sm = SizeTable(digits_space)
     fp = DIGITS_PARAMS * 4
     assert sm.full_precision_bytes == fp
     rng = np.random.default_rng(1)
@@ -285,7 +285,7 @@ def test_compression_ratio_definition(digits_space):
 
 
 def test_bops_from_macs(digits_evaluator, digits_space):
-    sm = digits_evaluator.size_model
+    sm = digits_evaluator.sizes
     # MACs per sample by hand: conv outputs are 8x8, 8x8, 4x4 (padding 1, pool after the 2nd conv)
     macs = {
         "features.0": 16 * 8 * 8 * 9,

@@ -9,8 +9,8 @@ import torch
 
 import mpsearch.evaluator as evaluator_mod
 from mpsearch.metrics import cosine
-from mpsearch.models.digits import load_model as load_digits_model
-from mpsearch.quantize import quantize_weight
+from mpsearch.tasks.digits import load_model as load_digits_model
+from mpsearch.quantize import fake_quantize as quantize_weight
 
 
 def _fresh_candidate(ev, rng):
@@ -49,7 +49,7 @@ def test_digits_restore_is_bit_identical_to_the_shipped_weights(digits_evaluator
     state = ev.model.state_dict()
     for layer in ev.space.layers:
         assert not torch.equal(state[f"{layer}.weight"], pristine[f"{layer}.weight"]), layer
-    ev.validate(ev.space.random(rng))
+    ev.validation_metric(ev.space.random(rng))
     ev.restore()
     state = ev.model.state_dict()
     assert state.keys() == pristine.keys()
@@ -105,9 +105,9 @@ def test_memoized_score_costs_no_forward(digits_small_evaluator):
     assert (again.candidate, again.metric, again.size_bytes, again.avg_bits, again.wall_s) == (
         first.candidate, first.metric, first.size_bytes, first.avg_bits, first.wall_s)
     # the validation split is memoized separately
-    v1 = ev.validate(c)
+    v1 = ev.validation_metric(c)
     assert ev.n_forward == n0 + 2
-    assert ev.validate(c) == v1
+    assert ev.validation_metric(c) == v1
     assert ev.n_forward == n0 + 2
 
 
@@ -150,7 +150,7 @@ def test_warm_cache_then_new_candidates_quantize_nothing(digits_small_evaluator,
         calls.append(args[1])
         return quantize_weight(*args, **kwargs)
 
-    monkeypatch.setattr(evaluator_mod, "quantize_weight", counting)
+    monkeypatch.setattr(evaluator_mod, "fake_quantize", counting)
     rng = np.random.default_rng(5)
     for _ in range(3):
         ev.evaluate(_fresh_candidate(ev, rng))
@@ -169,8 +169,8 @@ def test_evaluate_matches_naive_requantization_digits(digits_evaluator, digits_t
         acc = (logits.argmax(-1) == targets).float().mean().item()
         got = ev.evaluate(c)
         assert got.metric == acc
-        assert got.size_bytes == ev.size_model.size_bytes(c)
-        assert got.avg_bits == pytest.approx(ev.size_model.avg_bits(c))
+        assert got.size_bytes == ev.sizes.size_bytes(c)
+        assert got.avg_bits == pytest.approx(ev.sizes.avg_bits(c))
     ev.restore()
 
 
@@ -194,7 +194,7 @@ def test_uniform_8bit_digits_within_half_a_point(digits_evaluator):
     ev = digits_evaluator
     u8 = ev.space.uniform(8)
     assert abs(ev.evaluate(u8).metric - ev.reference_metric) <= 0.005
-    assert abs(ev.validate(u8) - ev.reference_validation_metric) <= 0.005
+    assert abs(ev.validation_metric(u8) - ev.reference_validation_metric) <= 0.005
     ev.restore()
 
 

@@ -16,7 +16,7 @@ def _mixed_plan(space, evaluator, metric=None):
     """A plan whose layers use every bit-width of the space."""
     cand = tuple(d.choices[i % d.n_choices] for i, d in enumerate(space.decisions))
     try:
-        plan = QuantizationPlan.from_candidate(space, evaluator, cand, metric=metric,
+        plan = QuantizationPlan.from_candidate(evaluator, cand, metric=metric,
                                                provenance={"strategy": "test", "seed": 0, "n_evals": 1})
     finally:
         evaluator.restore()

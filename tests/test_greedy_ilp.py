@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpsearch.budget import Budget
+from mpsearch.core import Budget
 from mpsearch.search import Termination, search
 from mpsearch.strategies import get_strategy
 
@@ -13,7 +13,7 @@ BUDGET = Budget(max_avg_bits=3.0)
 
 def run(space, evaluator, name, n, budget=BUDGET, seed=0):
     st = get_strategy(name)
-    res = search(space, evaluator, st, Termination(max_evals=n), seed=seed, budget=budget)
+    res = search(evaluator, st, Termination(max_evals=n), seed=seed, budget=budget)
     return st, res
 
 
@@ -23,7 +23,7 @@ def test_budget_respected_no_repeats_and_deterministic(digits_small_space, digit
     best = res.best()
     assert best is not None
     assert best.avg_bits <= 3.0 + 1e-9
-    assert digits_small_evaluator.size_model.avg_bits(best.candidate) <= 3.0 + 1e-9
+    assert digits_small_evaluator.sizes.avg_bits(best.candidate) <= 3.0 + 1e-9
     cands = [t.candidate for t in res.trials]
     assert len(cands) == len(set(cands)), "a candidate was evaluated twice"
     assert len(cands) <= 40
@@ -73,7 +73,7 @@ def test_sensitivities_are_single_decision_drops(digits_small_space, digits_smal
 @pytest.mark.parametrize("budget", [Budget(max_avg_bits=3.0), Budget(max_avg_bits=4.0), Budget(max_bytes=20_000)])
 def test_ilp_budget_solution_is_proxy_optimal(digits_small_space, digits_small_evaluator, budget):
     st, res = run(digits_small_space, digits_small_evaluator, "ilp", 25, budget=budget)
-    size = digits_small_evaluator.size_model
+    size = digits_small_evaluator.sizes
     assert st.optimum is not None and budget.feasible(size, st.optimum)
     cands = list(digits_small_space.enumerate())
     idx = np.array([digits_small_space.encode(c) for c in cands])
@@ -91,7 +91,7 @@ def test_ilp_budget_solution_is_proxy_optimal(digits_small_space, digits_small_e
 
 def test_ilp_front_sweep_is_proxy_optimal(digits_small_space, digits_small_evaluator):
     st, res = run(digits_small_space, digits_small_evaluator, "ilp", 40, budget=None)
-    size = digits_small_evaluator.size_model
+    size = digits_small_evaluator.sizes
     cands = list(digits_small_space.enumerate())
     idx = np.array([digits_small_space.encode(c) for c in cands])
     sizes = np.array([size.size_bytes(c) for c in cands])
@@ -104,7 +104,7 @@ def test_ilp_front_sweep_is_proxy_optimal(digits_small_space, digits_small_evalu
 
 def test_greedy_path_goes_down(digits_small_space, digits_small_evaluator):
     st, res = run(digits_small_space, digits_small_evaluator, "greedy", 40)
-    space, size = digits_small_space, digits_small_evaluator.size_model
+    space, size = digits_small_space, digits_small_evaluator.sizes
     path = st.path
     assert len(path) == 1 + sum(d.n_choices - 1 for d in space.decisions)
     assert path[0] == space.highest() and path[-1] == space.lowest()

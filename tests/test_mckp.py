@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mpsearch.budget import Budget
+from mpsearch.core import Budget
 from mpsearch.search import Termination, search
 from mpsearch.strategies import get_strategy
 from mpsearch.strategies.mckp import KnapsackTable
@@ -70,7 +70,7 @@ def test_table_refuses_a_capacity_beyond_it_and_needs_integer_weights():
 
 @pytest.mark.parametrize("limit", ["avg_bits", "bytes", None])
 def test_ilp_table_and_milp_propose_the_same_candidates(digits_small_space, digits_small_evaluator, limit):
-    size = digits_small_evaluator.size_model
+    size = digits_small_evaluator.sizes
     budget = {"avg_bits": Budget(max_avg_bits=3.0), None: None,
               "bytes": Budget(max_bytes=(size.min_size_bytes() + size.size_bytes(digits_small_space.highest())) // 2)}[limit]
     runs = {}
@@ -79,7 +79,7 @@ def test_ilp_table_and_milp_propose_the_same_candidates(digits_small_space, digi
         milp_calls = []
         real = st._solve_milp
         st._solve_milp = lambda *a: milp_calls.append(a) or real(*a)
-        res = search(digits_small_space, digits_small_evaluator, st, Termination(max_evals=60), seed=0, budget=budget)
+        res = search(digits_small_evaluator, st, Termination(max_evals=60), seed=0, budget=budget)
         runs[solver] = ([t.candidate for t in res.trials], st.n_solves, len(milp_calls))
     assert runs["auto"][0] == runs["milp"][0]
     assert runs["milp"][2] == runs["milp"][1] > 0

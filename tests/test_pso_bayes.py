@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpsearch.budget import Budget
+from mpsearch.errors import OptionError
+
+from mpsearch.core import Budget
 from mpsearch.search import Termination, search
 from mpsearch.strategies import SearchContext, get_strategy
 
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(space, evaluator, name, n, seed=0, budget=BUDGET, **options):
-    return search(space, evaluator, get_strategy(name, **options), Termination(max_evals=n), seed=seed, budget=budget)
+    return search(evaluator, get_strategy(name, **options), Termination(max_evals=n), seed=seed, budget=budget)
 
 
 def cands(result):
@@ -38,22 +40,22 @@ def check_run(result, n, budget=BUDGET):
         assert all(t.avg_bits <= budget.max_avg_bits + 1e-9 for t in result.trials)
 
 
-def test_size_tables_match_size_model(digits_small_space, digits_small_evaluator):
-    from mpsearch.strategies.pso import SizeTables
-
-    size = digits_small_evaluator.size_model
-    ctx = SearchContext(digits_small_space, size, BUDGET, 0, None, 1.0)
-    tab = SizeTables(ctx)
+def test_population_size_checks_match_one_candidate_checks(digits_small_space, digits_small_evaluator):
+    """The vectorised size lookups and budget rule that strategies use agree with the per-candidate ones,
+    and the shared repair always lands inside the budget without raising any decision."""
+    sizes = digits_small_evaluator.sizes
+    ctx = SearchContext(digits_small_space, sizes, BUDGET, 0, None, 1.0)
     rng = np.random.default_rng(0)
     cs = [digits_small_space.random(rng) for _ in range(50)]
     idx = np.array([digits_small_space.encode(c) for c in cs])
-    b, avg = tab.stats(idx)
-    assert b.tolist() == [size.size_bytes(c) for c in cs]
-    assert np.allclose(avg, [size.avg_bits(c) for c in cs])
-    assert tab.fits(idx).tolist() == [BUDGET.feasible(size, c) for c in cs]
+    assert sizes.bytes_idx(idx).tolist() == [sizes.size_bytes(c) for c in cs]
+    assert sizes.avg_bits_idx(idx).tolist() == [sizes.avg_bits(c) for c in cs]
+    assert ctx.feasible_idx(idx).tolist() == [BUDGET.feasible(sizes, c) for c in cs]
+    s = get_strategy("random")
+    s.setup(ctx)
     for i in idx:
-        fixed = tab.repair(i)
-        assert BUDGET.feasible(size, digits_small_space.decode(fixed))
+        fixed = s.repaired(i)
+        assert BUDGET.feasible(sizes, digits_small_space.decode(fixed))
         assert (fixed <= i).all()
 
 
@@ -103,14 +105,14 @@ def test_pso_import_writes_no_report_log(tmp_path):
         import logging, os
         import numpy as np
         from torch import nn
-        from mpsearch.space import SearchSpace
-        from mpsearch.cost import SizeModel
-        from mpsearch.evaluator import Evaluation
+        from mpsearch.model import build_space
+        from mpsearch.core import SizeTable
+        from mpsearch.core import Evaluation
         from mpsearch.strategies import SearchContext, get_strategy
         root = logging.getLogger()
         h, lvl = list(root.handlers), root.level
-        space = SearchSpace.from_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), (2, 4, 8))
-        size = SizeModel(space)
+        space = build_space(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), (2, 4, 8))
+        size = SizeTable(space)
         s = get_strategy("pso", n_particles=4)
         s.setup(SearchContext(space, size, None, 0, 10, 1.0))
         for _ in range(3):
@@ -142,7 +144,7 @@ def test_bayes_sampler_asks_per_evaluation(digits_small_space, digits_small_eval
     """A known suggestion enqueues a near new candidate instead of asking TPE again (the costly part),
     and local moves take their share of the candidates without asking TPE at all."""
     s = get_strategy("bayes", local_share=local_share)
-    r = search(digits_small_space, digits_small_evaluator, s, Termination(max_evals=80), seed=0, budget=BUDGET)
+    r = search(digits_small_evaluator, s, Termination(max_evals=80), seed=0, budget=BUDGET)
     check_run(r, 80)
     trials = s.study.trials
     fixed = ["fixed_params" in t.system_attrs for t in trials]
@@ -187,16 +189,16 @@ def test_bayes_samplers_run(digits_small_space, digits_small_evaluator, sampler)
 
 
 def test_bayes_batches_and_options(digits_small_space, digits_small_evaluator):
-    ctx = SearchContext(digits_small_space, digits_small_evaluator.size_model, BUDGET, 0, 20,
+    ctx = SearchContext(digits_small_space, digits_small_evaluator.sizes, BUDGET, 0, 20,
                         digits_small_evaluator.reference_metric)
     s = get_strategy("bayes", batch_size=4, warm_start=None)
     s.setup(ctx)
     batch = s.ask()
     assert len(batch) == 4 and len(set(batch)) == 4
-    assert all(BUDGET.feasible(ctx.size, c) for c in batch)
+    assert all(BUDGET.feasible(ctx.sizes, c) for c in batch)
     r = run(digits_small_space, digits_small_evaluator, "bayes", 20, batch_size=4,
             warm_start=[(8, 2, 2, 2, 2, 8), (4, 4, 2, 2, 4, 4)])
     check_run(r, 20)
     assert cands(r)[0] == (8, 2, 2, 2, 2, 8)  # warm-start list, feasible
-    with pytest.raises(ValueError):
+    with pytest.raises(OptionError, match="sampler"):
         get_strategy("bayes", sampler="cmaes")

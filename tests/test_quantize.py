@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpsearch.quantize import QuantizerConfig, mse, quantize_weight, sqnr_db
+from mpsearch.core import QuantizerConfig
+from mpsearch.quantize import fake_quantize as quantize_weight, mse, sqnr_db
 
 SYM = QuantizerConfig()
 ASYM = QuantizerConfig(scheme="asymmetric")

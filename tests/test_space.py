@@ -10,8 +10,12 @@ import torch
 from torch import nn
 
 from mpsearch.errors import SpaceError
-from mpsearch.models.digits import load_model as load_digits_model
-from mpsearch.space import SearchSpace
+from mpsearch.tasks.digits import load_model as load_digits_model
+from mpsearch.model import build_space, load_space_file, space_from_spec
+
+
+def from_yaml(path, model):
+    return space_from_spec(load_space_file(path), model)
 
 QKV_TIE = r"bert\.encoder\.layer\.(\d+)\.attention\.self\.(?:query|key|value)"
 WORD_EMB = "bert.embeddings.word_embeddings"
@@ -26,7 +30,7 @@ def digits_model():
 @pytest.fixture(scope="module")
 def minilm_tied_space(minilm_task):
     """Built in Python: q/k/v tied per block, word embeddings pinned, limits on FFN outputs and the last block."""
-    return SearchSpace.from_model(
+    return build_space(
         minilm_task.model,
         choices=[2, 3, 4, 5, 6, 8],
         types=["Linear", "Embedding"],
@@ -86,9 +90,9 @@ def test_encode_decode_round_trip(digits_space):
         c = digits_space.random(rng)
         assert digits_space.decode(digits_space.encode(c)) == c
     with pytest.raises(ValueError):
-        digits_space.validate((7,) * 6)
+        digits_space.check_candidate((7,) * 6)
     with pytest.raises(ValueError):
-        digits_space.validate((8,) * 5)
+        digits_space.check_candidate((8,) * 5)
 
 
 # ---- pins, ties and limits hold in every candidate -------------------------------------------
@@ -115,7 +119,7 @@ def test_minilm_pins_ties_limits_hold_in_every_candidate(minilm_tied_space):
     rng = np.random.default_rng(1)
     n = 0
     for cand in _candidates(space, rng):
-        space.validate(cand)
+        space.check_candidate(cand)
         bits = space.layer_bits(cand)
         assert set(bits) == set(space.layers)
         assert bits[WORD_EMB] == 8
@@ -144,14 +148,14 @@ def test_limits_shape_the_choices(minilm_tied_space):
 
 
 def test_min_max_bits_keywords(digits_model):
-    space = SearchSpace.from_model(digits_model, [2, 3, 4, 5, 6, 8], min_bits=3, max_bits=6)
+    space = build_space(digits_model, [2, 3, 4, 5, 6, 8], min_bits=3, max_bits=6)
     assert all(d.choices == (3, 4, 5, 6) for d in space.decisions)
     with pytest.raises(SpaceError):
-        SearchSpace.from_model(digits_model, [2, 3], min_bits=4)
+        build_space(digits_model, [2, 3], min_bits=4)
 
 
 def test_digits_tie_list_and_pin_enumerate_everything(digits_model):
-    space = SearchSpace.from_model(
+    space = build_space(
         digits_model, [2, 3, 4, 8],
         tie=[[r"features\.0", r"features\.2"]],
         pin={r"classifier\.5": 6},
@@ -172,7 +176,7 @@ def test_digits_tie_list_and_pin_enumerate_everything(digits_model):
 
 
 def test_candidate_from_layer_bits_rejects_split_ties(digits_model):
-    space = SearchSpace.from_model(digits_model, [2, 4, 8], tie=[[r"features\.0", r"features\.2"]])
+    space = build_space(digits_model, [2, 4, 8], tie=[[r"features\.0", r"features\.2"]])
     bits = space.layer_bits(space.uniform(4))
     assert space.candidate_from_layer_bits(bits) == space.uniform(4)
     bits["features.2"] = 8
@@ -186,7 +190,7 @@ def test_pin_inside_a_tied_group_keeps_the_tie(minilm_task):
     Either the pin carries over to the whole tied group, or the conflicting spec is refused.
     """
     try:
-        space = SearchSpace.from_model(
+        space = build_space(
             minilm_task.model, [2, 4, 8], types=["Linear", "Embedding"],
             tie=[QKV_TIE], pin={r"bert\.encoder\.layer\.0\.attention\.self\.query": 8},
         )
@@ -210,7 +214,7 @@ class TiedLM(nn.Module):
 
 
 def test_shared_parameter_is_one_layer_with_an_alias():
-    space = SearchSpace.from_model(TiedLM(), [4, 8])
+    space = build_space(TiedLM(), [4, 8])
     assert list(space.layers) == ["emb", "mid"]
     assert space.layers["emb"].aliases == ("head",)
     assert space.n_decisions == 2
@@ -230,7 +234,7 @@ def test_shared_parameter_is_one_layer_with_an_alias():
 ])
 def test_pattern_that_matches_nothing_is_an_error(digits_model, kw):
     with pytest.raises(SpaceError, match="matches no"):
-        SearchSpace.from_model(digits_model, [2, 4, 8], **kw)
+        build_space(digits_model, [2, 4, 8], **kw)
 
 
 @pytest.mark.parametrize("kw", [
@@ -241,13 +245,13 @@ def test_pattern_that_matches_nothing_is_an_error(digits_model, kw):
 ])
 def test_invalid_regex_is_a_space_error(digits_model, kw):
     with pytest.raises(SpaceError):
-        SearchSpace.from_model(digits_model, [2, 4, 8], **kw)
+        build_space(digits_model, [2, 4, 8], **kw)
 
 
 @pytest.mark.parametrize("choices", [[], [0], [17], [2, 4, 17], [0, 8], [-3], [2.5], ["4"], [True]])
 def test_bad_choices_are_errors(digits_model, choices):
     with pytest.raises(SpaceError):
-        SearchSpace.from_model(digits_model, choices)
+        build_space(digits_model, choices)
 
 
 @pytest.mark.parametrize("spec", [
@@ -269,18 +273,18 @@ def test_bad_choices_are_errors(digits_model, choices):
 ])
 def test_bad_spec_is_a_space_error(digits_model, spec):
     with pytest.raises(SpaceError):
-        SearchSpace.from_spec(spec, digits_model)
+        space_from_spec(spec, digits_model)
 
 
 def test_unknown_quantizer_key_is_a_space_error(digits_model):
     """A typo inside `quantizer:` must not silently fall back to the default quantizer."""
     with pytest.raises(SpaceError):
-        SearchSpace.from_spec({"quantizer": {"schem": "asymmetric"}}, digits_model)
+        space_from_spec({"quantizer": {"schem": "asymmetric"}}, digits_model)
 
 
 def test_unknown_key_error_names_the_key(digits_model):
     with pytest.raises(SpaceError, match="bitz"):
-        SearchSpace.from_spec({"bitz": [2, 4]}, digits_model)
+        space_from_spec({"bitz": [2, 4]}, digits_model)
 
 
 def test_yaml_files(tmp_path, digits_model):
@@ -291,7 +295,7 @@ def test_yaml_files(tmp_path, digits_model):
         "tie:\n  - ['features\\.0', 'features\\.2']\n"
         "quantizer: {scheme: asymmetric, granularity: per-group, group_size: 16}\n"
     )
-    space = SearchSpace.from_yaml(good, digits_model)
+    space = space_from_spec(load_space_file(good), digits_model)
     assert space.pinned == {"classifier.5": 8}
     assert space.n_decisions == 4
     assert space.quantizer.scheme == "asymmetric" and space.quantizer.group_size == 16
@@ -299,33 +303,33 @@ def test_yaml_files(tmp_path, digits_model):
     bad = tmp_path / "bad.yaml"
     bad.write_text("choices: [2, 4\npin: {a: 1\n")
     with pytest.raises(SpaceError, match="malformed YAML"):
-        SearchSpace.from_yaml(bad, digits_model)
+        from_yaml(bad, digits_model)
 
     notmap = tmp_path / "list.yaml"
     notmap.write_text("- 2\n- 4\n")
     with pytest.raises(SpaceError):
-        SearchSpace.from_yaml(notmap, digits_model)
+        from_yaml(notmap, digits_model)
 
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("choices: [2, 4]\nbits: [3]\n")
     with pytest.raises(SpaceError, match="bits"):
-        SearchSpace.from_yaml(unknown, digits_model)
+        from_yaml(unknown, digits_model)
 
     with pytest.raises(SpaceError):
-        SearchSpace.from_yaml(tmp_path / "missing.yaml", digits_model)
+        from_yaml(tmp_path / "missing.yaml", digits_model)
 
 
 def test_empty_yaml_is_the_default_space(tmp_path, digits_model):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing\n")
-    space = SearchSpace.from_yaml(empty, digits_model)
+    space = from_yaml(empty, digits_model)
     assert space.n_decisions == 6
     assert space.decisions[0].choices == (2, 3, 4, 5, 6, 8)
 
 
 def test_model_without_quantizable_layer_is_an_error():
     with pytest.raises(SpaceError):
-        SearchSpace.from_model(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), [4, 8])
+        build_space(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), [4, 8])
 
 
 def test_space_holds_no_model_reference(digits_space):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpsearch.budget import Budget
+from mpsearch.core import Budget
 from mpsearch.search import Termination, search
 from mpsearch.strategies import REGISTRY, get_strategy
 
@@ -15,7 +15,7 @@ def test_registry_holds_every_strategy_of_the_brief():
 
 
 def _run(space, evaluator, name, seed, n, budget=None):
-    return search(space, evaluator, get_strategy(name), Termination(max_evals=n), seed=seed, budget=budget)
+    return search(evaluator, get_strategy(name), Termination(max_evals=n), seed=seed, budget=budget)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -29,7 +29,7 @@ def test_respects_the_budget_and_never_asks_twice(name, digits_small_space, digi
     assert best is not None and best.avg_bits <= 3.0 + 1e-9
     if name in ("uniform", "random", "exhaustive", "pso", "bayes"):
         # these only ask feasible candidates; greedy and ilp also measure sensitivities above the budget
-        assert all(budget.feasible(digits_small_evaluator.size_model, c) for c in cands)
+        assert all(budget.feasible(digits_small_evaluator.sizes, c) for c in cands)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,16 +11,16 @@ from torch import nn
 from mpsearch.errors import TaskError
 from mpsearch.evaluator import Evaluator
 from mpsearch.metrics import BUILTIN, get_metric
-from mpsearch.models import load_task
-from mpsearch.models import digits as digits_mod
-from mpsearch.models.digits import load_model as load_digits_model
-from mpsearch.space import SearchSpace
-from mpsearch.task import Task
+from mpsearch.tasks import load_task
+from mpsearch.tasks import digits as digits_mod
+from mpsearch.tasks.digits import load_model as load_digits_model
+from mpsearch.model import build_space
+from mpsearch.tasks import Task
 
 USER_TASK = """
 import torch
 from torch import nn
-from mpsearch.task import Task
+from mpsearch.tasks import Task
 
 
 class TwoLayer(nn.Module):
@@ -163,7 +163,7 @@ def test_load_task_from_file(user_file):
     spec = f"{user_file}:make_task"
     task = load_task(spec)
     assert isinstance(task, Task) and task.name == spec
-    space = SearchSpace.from_model(task.model, [2, 4, 8])
+    space = build_space(task.model, [2, 4, 8])
     assert list(space.layers) == ["a", "b"]
     ev = Evaluator(task, space)
     # mse metric against the reference: 0 at full precision, below it once quantized
@@ -175,7 +175,7 @@ def test_load_task_from_module(user_file, monkeypatch):
     monkeypatch.syspath_prepend(str(user_file.parent))
     task = load_task("my_task:make_task")
     assert isinstance(task, Task) and task.metric == "mse"
-    builtin_like = load_task("mpsearch.models.digits:load_task")
+    builtin_like = load_task("mpsearch.tasks.digits:load_task")
     assert builtin_like.name == "digits" and len(builtin_like.calibration) == 3
 
 

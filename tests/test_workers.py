@@ -29,34 +29,79 @@ ROOT = Path(__file__).resolve().parent.parent
 N_EVALS = 40
 
 TASK_FILE = textwrap.dedent('''
-    """digits, slowed down: each forward over a batch sleeps, so an evaluation takes ~0.2 s."""
+    """digits with hooks that put a worker at a known point, read off the shared storage (no timing).
+
+    A worker is evaluating when the study holds a RUNNING trial it claimed (``mpsearch_worker``
+    = host:pid); the evaluator's own forwards while it is built happen before any claim.
+    MPSEARCH_TEST_FAIL: every evaluation raises.
+    MPSEARCH_TEST_HANG=MARKER: an evaluation after the first one completed writes MARKER and
+    never returns (a worker that is surely mid-evaluation).
+    MPSEARCH_TEST_RENDEZVOUS=DIR: the first evaluation waits until another process has reached
+    its own (both workers demonstrably hold a trial at once).
+    """
     import os
+    import socket
+    import sys
     import time
+    from pathlib import Path
 
-    from mpsearch.models import digits
-    from mpsearch.task import Task
+    import optuna
+    from optuna.trial import TrialState
 
-    DELAY = float(os.environ.get("MPSEARCH_TEST_DELAY", "0.07"))
-    SETUP_FORWARDS = 7  # the evaluator's own: MAC count (1 batch), reference outputs (3 + 3 batches)
+    from mpsearch.tasks import Task, digits
+
+    ME = f"{socket.gethostname()}:{os.getpid()}"
 
 
-    class SlowDigits(digits.DigitsCNN):
-        calls = 0
+    def _arg(flag):
+        return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else None
+
+
+    def _trials():
+        url, study = _arg("--storage"), _arg("--study")
+        if not url or not study:  # not a worker process
+            return []
+        try:
+            return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+        except KeyError:  # the driver, before it created the study
+            return []
+
+
+    class HookedDigits(digits.DigitsCNN):
+        met = False
 
         def forward(self, x):
-            SlowDigits.calls += 1
-            if os.environ.get("MPSEARCH_TEST_FAIL") and SlowDigits.calls > SETUP_FORWARDS:
-                raise RuntimeError("deliberate failure in the worker")
-            time.sleep(DELAY)
+            if any(os.environ.get(k) for k in ("MPSEARCH_TEST_FAIL", "MPSEARCH_TEST_HANG", "MPSEARCH_TEST_RENDEZVOUS")):
+                self._hooks(_trials())
             return super().forward(x)
+
+        def _hooks(self, trials):
+            evaluating = any(t.state == TrialState.RUNNING and t.system_attrs.get("mpsearch_worker") == ME
+                             for t in trials)
+            if not evaluating:
+                return
+            if os.environ.get("MPSEARCH_TEST_FAIL"):
+                raise RuntimeError("deliberate failure in the worker")
+            marker = os.environ.get("MPSEARCH_TEST_HANG")
+            done = sum(1 for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("worker") == ME)
+            if marker and done >= 1:
+                Path(marker).write_text(ME)
+                time.sleep(3600)
+            meet = os.environ.get("MPSEARCH_TEST_RENDEZVOUS")
+            if meet and not HookedDigits.met:
+                HookedDigits.met = True
+                Path(meet, str(os.getpid())).write_text("")
+                deadline = time.monotonic() + 120
+                while len(list(Path(meet).iterdir())) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
 
 
     def make_task():
         base = digits.load_task()
-        model = SlowDigits()
+        model = HookedDigits()
         model.load_state_dict(base.model.state_dict())
         return Task(model=model.eval(), calibration=base.calibration, validation=base.validation,
-                    metric="accuracy", name="slowdigits", search_space="digits.yaml")
+                    metric="accuracy", name="hookeddigits", search_space="digits.yaml")
 ''')
 
 
@@ -112,12 +157,15 @@ def _check_study(url: str, study_name: str, n: int, recorded=None) -> optuna.Stu
     return study
 
 
-def test_cli_search_with_two_workers(storage_url, tmp_path):
+def test_cli_search_with_two_workers(storage_url, slow_task, tmp_path):
     study = f"cli-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "mpsearch.cli", "search", "--model", "digits", "--strategy", "random",
+    meet = tmp_path / "rendezvous"
+    meet.mkdir()
+    r = subprocess.run([sys.executable, "-m", "mpsearch.cli", "search", "--model", slow_task, "--strategy", "random",
                         "--max-evals", str(N_EVALS), "--workers", "2", "--storage", storage_url, "--study", study,
-                        "--out", str(out), "--no-progress"], env=_env(), capture_output=True, text=True, timeout=240)
+                        "--out", str(out), "--no-progress"], env=_env(MPSEARCH_TEST_RENDEZVOUS=str(meet)),
+                       capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     import pandas as pd
 
@@ -125,32 +173,34 @@ def test_cli_search_with_two_workers(storage_url, tmp_path):
     assert len(df) == N_EVALS
     s = _check_study(storage_url, study, N_EVALS)
     workers = Counter(t.user_attrs["worker"] for t in s.trials)
-    assert len(workers) == 2, workers  # both local workers took part
+    assert len(workers) == 2, workers  # both local workers held a trial at once (the rendezvous)
+    assert len(list(meet.iterdir())) == 2
     assert s.user_attrs["done"] is True
-    assert s.user_attrs["worker_task"]["model"] == "digits"
+    assert s.user_attrs["worker_task"]["model"] == slow_task
     # The loop's records and the stored ones agree: resuming reads all of them back, computes nothing.
-    from mpsearch.models import load_task
+    from mpsearch.tasks import load_task
     from mpsearch.search import Termination, search
-    from mpsearch.spaces import space_for
+    from mpsearch.model import space_for
     from mpsearch.evaluator import Evaluator
 
     task = load_task("digits")
     space = space_for(task)
-    res = search(space, Evaluator(task, space), "random", Termination(max_evals=N_EVALS), seed=0,
+    res = search(Evaluator(task, space), "random", Termination(max_evals=N_EVALS), seed=0,
                  storage=storage_url, study_name=study)
     assert res.n_resumed == N_EVALS
 
 
 def test_worker_killed_mid_evaluation(storage_url, slow_task, tmp_path):
     from mpsearch.evaluator import Evaluator
-    from mpsearch.models import load_task
+    from mpsearch.tasks import load_task
     from mpsearch.search import Termination, search
-    from mpsearch.spaces import space_for
-    from mpsearch.workers import WORKER_ATTR, QueueExecutor
+    from mpsearch.model import space_for
+    from mpsearch.optuna_rdb import WORKER_ATTR
+    from mpsearch.workers import QueueExecutor
 
     study_name = f"kill-{uuid.uuid4().hex[:8]}"
-    # The victim evaluates slowly (~1.5 s), so a kill while it holds a trial is surely mid-evaluation.
-    victim = _start_worker(storage_url, study_name, MPSEARCH_TEST_DELAY="0.5")
+    marker = tmp_path / "victim-hangs"
+    victim = _start_worker(storage_url, study_name, MPSEARCH_TEST_HANG=str(marker))
     survivor = _start_worker(storage_url, study_name)
     task = load_task(slow_task)
     space = space_for(task)
@@ -158,29 +208,22 @@ def test_worker_killed_mid_evaluation(storage_url, slow_task, tmp_path):
     killed = {}
 
     def killer():
-        """SIGKILL the victim while it holds a RUNNING trial, after it completed one."""
-        deadline = time.monotonic() + 150
-        tag = f":{victim.pid}"
-        while time.monotonic() < deadline and victim.poll() is None:
-            try:
-                trials = optuna.load_study(study_name=study_name, storage=storage_url).get_trials(deepcopy=False)
-            except Exception:
-                time.sleep(0.2)
-                continue
-            done_by_victim = sum(1 for t in trials if t.state == TrialState.COMPLETE
-                                 and t.user_attrs.get("worker", "").endswith(tag))
-            running = [t for t in trials if t.state == TrialState.RUNNING
-                       and str(t.system_attrs.get(WORKER_ATTR, "")).endswith(tag)]
-            if done_by_victim >= 1 and running:
-                victim.send_signal(signal.SIGKILL)
-                killed["trial"] = running[0].number
-                return
-            time.sleep(0.05)
+        """SIGKILL the victim once it says it hangs inside an evaluation (after completing one)."""
+        deadline = time.monotonic() + 150  # generous: the victim reaches that point by itself
+        while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not marker.exists():
+            return
+        me = marker.read_text()
+        trials = optuna.load_study(study_name=study_name, storage=storage_url).get_trials(deepcopy=False)
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.system_attrs.get(WORKER_ATTR) == me]
+        victim.send_signal(signal.SIGKILL)
+        killed["trial"] = running[0].number if running else None
 
     th = threading.Thread(target=killer, daemon=True)
     try:
         th.start()
-        res = search(space, Evaluator(task, space), "pso", Termination(max_evals=N_EVALS), seed=0,
+        res = search(Evaluator(task, space), "pso", Termination(max_evals=N_EVALS), seed=0,
                      storage=storage_url, study_name=study_name, executor=ex)
     finally:
         ex.close()
@@ -190,7 +233,7 @@ def test_worker_killed_mid_evaluation(storage_url, slow_task, tmp_path):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-    assert "trial" in killed, "the victim was never caught mid-evaluation"
+    assert killed.get("trial") is not None, "the victim never reached its hang inside an evaluation"
     assert victim.wait(timeout=30) == -signal.SIGKILL
     out = survivor.communicate(timeout=60)[0]
     assert survivor.returncode == 0, out[-3000:]
@@ -208,13 +251,13 @@ def test_worker_killed_mid_evaluation(storage_url, slow_task, tmp_path):
 
 def test_claims_are_exclusive(tmp_path):
     """Many claimers racing for the same WAITING trials: each trial is claimed exactly once."""
-    from mpsearch.workers import _swap_state
+    from mpsearch.optuna_rdb import frozen_trial_id, swap_state
 
     url = f"sqlite:///{tmp_path / 'claims.db'}"
     study = optuna.create_study(storage=url, study_name="claims")
     for i in range(60):
         study.enqueue_trial({"x": i})
-    ids = [t._trial_id for t in study.get_trials(deepcopy=False)]
+    ids = [frozen_trial_id(t) for t in study.get_trials(deepcopy=False)]
     won: dict[int, list[str]] = {i: [] for i in ids}
     barrier = threading.Barrier(4)
 
@@ -222,7 +265,7 @@ def test_claims_are_exclusive(tmp_path):
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
         barrier.wait()
         for tid in ids:
-            if _swap_state(storage, tid, TrialState.WAITING, TrialState.RUNNING, claimant=name):
+            if swap_state(storage, tid, TrialState.WAITING, TrialState.RUNNING, claimant=name):
                 won[tid].append(name)
 
     threads = [threading.Thread(target=claimer, args=(f"c{i}",)) for i in range(4)]
@@ -233,15 +276,15 @@ def test_claims_are_exclusive(tmp_path):
     assert all(len(v) == 1 for v in won.values()), {k: v for k, v in won.items() if len(v) != 1}
     trials = optuna.load_study(study_name="claims", storage=url).get_trials(deepcopy=False)
     assert all(t.state == TrialState.RUNNING for t in trials)
-    assert all(t.system_attrs["mpsearch_worker"] == won[t._trial_id][0] for t in trials)
+    assert all(t.system_attrs["mpsearch_worker"] == won[frozen_trial_id(t)][0] for t in trials)
 
 
 def test_worker_error_reaches_the_driver(slow_task, tmp_path):
     from mpsearch.errors import MPSearchError
     from mpsearch.evaluator import Evaluator
-    from mpsearch.models import load_task
+    from mpsearch.tasks import load_task
     from mpsearch.search import Termination, search
-    from mpsearch.spaces import space_for
+    from mpsearch.model import space_for
     from mpsearch.workers import QueueExecutor
 
     url = f"sqlite:///{tmp_path / 'err.db'}"
@@ -251,7 +294,7 @@ def test_worker_error_reaches_the_driver(slow_task, tmp_path):
     ex = QueueExecutor(url, slow_task, heartbeat_s=1, grace_s=2)
     try:
         with pytest.raises(MPSearchError, match="deliberate failure"):
-            search(space, Evaluator(task, space), "random", Termination(max_evals=3), storage=url, study_name="err",
+            search(Evaluator(task, space), "random", Termination(max_evals=3), storage=url, study_name="err",
                    executor=ex)
     finally:
         ex.close()

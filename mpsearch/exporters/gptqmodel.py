@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..plan import QuantizationPlan
-from ..quantize import FLOAT16_BITS
+from ..core.qconfig import FLOAT16_BITS
 from . import ExportResult, file_size, register
 
 GPTQ_BITS = (2, 3, 4, 8)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import MPSearchError
 from ..plan import QuantizationPlan
-from ..quantize import FLOAT16_BITS
+from ..core.qconfig import FLOAT16_BITS
 from . import ExportResult, file_size, register
 
 # bits -> ggml type; other widths go to the next wider type in this table

@@ -9,7 +9,7 @@ fallback), then every planned weight initializer ``W`` is replaced by
 
 whose output keeps ``W``'s name, so every consumer (Gemm, MatMul, Conv, Gather) is unchanged
 and activations stay float: exactly weight-only quantization, computed by ONNX Runtime's CPU
-provider. The integers, scales and zero-points are mpsearch's own (``plan_integers``), so the
+provider. The integers, scales and zero-points are mpsearch's own (``mpsearch.quantize.quantize``), so the
 ONNX model computes the plan's weights to the last bit (scales are float32 initializers
 holding the plan's float16 values: a float16 scale would make DequantizeLinear's output float16).
 
@@ -33,62 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.qconfig import FLOAT16_BITS
 from ..errors import MPSearchError
 from ..plan import QuantizationPlan
-from ..quantize import CLIP_RATIOS, FLOAT16_BITS, QuantizerConfig, _grouped, _stored_scale
+from ..quantize import quantize
 from . import ExportResult, file_size, register
 
 OPSET = 21
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
 
-# ---- the plan's integers ------------------------------------------------------------------------
-def _rtn_int(rows: torch.Tensor, bits: int, scheme: str, ratio: float):
-    """(integers, scale, zero_point) per row; mirrors ``mpsearch.quantize._rtn`` step by step."""
-    if scheme == "symmetric":
-        if bits == 1:
-            scale = rows.abs().mean(dim=1, keepdim=True)
-            return torch.where(rows >= 0, 1.0, -1.0), scale, torch.zeros_like(scale)
-        amax = rows.abs().amax(dim=1, keepdim=True) * ratio
-        qmax = 2 ** (bits - 1) - 1
-        scale = _stored_scale((amax / qmax).clamp_min(torch.finfo(rows.dtype).tiny))
-        return torch.clamp(torch.round(rows / scale), -qmax - 1, qmax), scale, torch.zeros_like(scale)
-    lo = torch.minimum(rows.amin(dim=1, keepdim=True) * ratio, torch.zeros(1))
-    hi = torch.maximum(rows.amax(dim=1, keepdim=True) * ratio, torch.zeros(1))
-    qmax = 2**bits - 1
-    scale = _stored_scale(((hi - lo) / qmax).clamp_min(torch.finfo(rows.dtype).tiny))
-    zp = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return torch.clamp(torch.round(rows / scale) + zp, 0, qmax), scale, zp
-
-
-def plan_integers(w: torch.Tensor, bits: int, cfg: QuantizerConfig):
-    """mpsearch's quantization of ``w`` as integers: ``(q, scale, zero_point)``.
-
-    ``q`` has shape ``(out, inner)`` (the weight flattened past dim 0); ``scale`` and
-    ``zero_point`` have shape ``(out, n_groups_per_row)``. ``(q - zp) * scale`` (per group)
-    equals ``quantize_weight(w, bits, cfg)``, clip search included. Zero-points are unsigned
-    (asymmetric) or zero (symmetric).
-    """
-    src = w.detach().float()
-    rows, pad = _grouped(src, cfg)
-    if cfg.clip_search and bits > 1:
-        q, s, z = _rtn_int(rows, bits, cfg.scheme, 1.0)
-        best_err = ((q - z) * s - rows).pow(2).sum(dim=1, keepdim=True)
-        for ratio in CLIP_RATIOS[1:]:
-            q2, s2, z2 = _rtn_int(rows, bits, cfg.scheme, ratio)
-            err = ((q2 - z2) * s2 - rows).pow(2).sum(dim=1, keepdim=True)
-            better = err < best_err
-            q, s, z = torch.where(better, q2, q), torch.where(better, s2, s), torch.where(better, z2, z)
-            best_err = torch.where(better, err, best_err)
-    else:
-        q, s, z = _rtn_int(rows, bits, cfg.scheme, 1.0)
-    out = src.shape[0]
-    q = q.reshape(out, -1)
-    if pad:
-        q = q[:, : q.shape[1] - pad]
-    return q.to(torch.int32), s.reshape(out, -1), z.reshape(out, -1).to(torch.int32)
-
-
+# ---- containers ----------------------------------------------------------------------------------
 def container(bits: int, scheme: str) -> str:
     """ONNX element type that holds ``bits``-bit integers of this scheme."""
     if bits >= FLOAT16_BITS:
@@ -201,7 +156,8 @@ def quantize_onnx(proto, plan: QuantizationPlan, model: nn.Module) -> dict[str, 
             new_nodes.append(helper.make_node("Cast", [iname + "_fp16"], [iname], to=TensorProto.FLOAT,
                                               name=iname + "_cast"))
             continue
-        q, scale, zp = plan_integers(w, bits, cfg)
+        qw = quantize(w, bits, cfg)
+        q, scale, zp = qw.codes, qw.scales, qw.zero_points
         if cfg.scheme == "symmetric" and bits > 1:
             lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
             assert int(q.min()) >= lo and int(q.max()) <= hi
@@ -211,10 +167,10 @@ def quantize_onnx(proto, plan: QuantizationPlan, model: nn.Module) -> dict[str, 
         attrs: dict = {}
         if cfg.granularity == "per-group":
             attrs = {"axis": 1, "block_size": int(cfg.group_size)}
-            s_arr, z_arr = scale.numpy(), zp.numpy()
+            s_arr, z_arr = scale.numpy(), None if zp is None else zp.numpy()
         else:
             attrs = {"axis": 0}
-            s_arr, z_arr = scale.reshape(-1).numpy(), zp.reshape(-1).numpy()
+            s_arr, z_arr = scale.reshape(-1).numpy(), None if zp is None else zp.reshape(-1).numpy()
         new_inits.append(numpy_helper.from_array(s_arr.astype(np.float32), s_name))
         dq_inputs = [q_name, s_name]
         if cfg.scheme != "symmetric":

@@ -39,15 +39,17 @@ How torchao's quantizer relates to mpsearch's (torchao 0.18):
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..core.qconfig import FLOAT16_BITS, QuantizerConfig
 from ..errors import MPSearchError
 from ..plan import QuantizationPlan
-from ..quantize import FLOAT16_BITS, QuantizerConfig
+from ..quantize import quantize
 from . import ExportResult, file_size, register
 
 QPARAMS = ("torchao", "plan")
@@ -124,9 +126,9 @@ def torchao_config(plan: QuantizationPlan, model: nn.Module | None = None):
 
 def _plan_tensor(w: torch.Tensor, bits: int, cfg: QuantizerConfig, block_size: tuple[int, ...]):
     """A torchao ``IntxUnpackedToInt8Tensor`` holding mpsearch's exact integers, float16 scales and zero-points."""
-    from .onnxruntime import plan_integers
-
-    q, scale, zp = plan_integers(w, bits, cfg)  # (out, inner) ints, (out, groups) scales / unsigned zero-points
+    qw = quantize(w, bits, cfg)  # (out, inner) ints, (out, groups) scales / unsigned zero-points
+    q, scale = qw.codes, qw.scales
+    zp = torch.zeros_like(scale, dtype=torch.int32) if qw.zero_points is None else qw.zero_points
     if cfg.scheme == "asymmetric":  # unsigned -> torchao's signed domain
         q, zp = q - 2 ** (bits - 1), zp - 2 ** (bits - 1)
     grid = tuple(s // b for s, b in zip(w.shape, block_size))
@@ -200,7 +202,7 @@ def weight_summary(model: nn.Module, names) -> dict[str, dict]:
 def to_torchao(plan: QuantizationPlan, out: Path, task) -> ExportResult:
     from torchao.core.config import config_to_dict
 
-    model = task.model
+    model = copy.deepcopy(task.model)  # the task's own model stays as it is
     cfg = torchao_config(plan, model)
     quantize_with_torchao(plan, model, qparams="plan")
     settings = {n: {"bits": int(e["bits"]), "kind": e.get("kind")} for n, e in plan.layers.items()}

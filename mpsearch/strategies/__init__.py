@@ -1,5 +1,5 @@
-"""Search strategies, registered by name."""
-from .base import REGISTRY, SearchContext, Strategy, get_strategy, register
+"""Search strategies, registered by name. Everything here imports ``mpsearch.core`` only, never torch."""
+from .base import REGISTRY, Option, SearchContext, Strategy, describe_options, get_strategy, register
 
 
 def _load_all():
@@ -15,4 +15,4 @@ def _load_all():
 
 _load_all()
 
-__all__ = ["REGISTRY", "SearchContext", "Strategy", "get_strategy", "register"]
+__all__ = ["REGISTRY", "Option", "SearchContext", "Strategy", "describe_options", "get_strategy", "register"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import itertools
 
 from ..errors import MPSearchError
-from ..space import Candidate
-from .base import Strategy, register
+from ..core.space import Candidate
+from .base import Option, Strategy, register
 
 
 @register
@@ -31,10 +31,8 @@ class Random(Strategy):
     name = "random"
     batch_hint = True
 
-    def __init__(self, batch_size: int = 8, max_tries: int = 10_000):
-        super().__init__(batch_size=batch_size, max_tries=max_tries)
-        self.batch_size = int(batch_size)
-        self.max_tries = int(max_tries)
+    OPTIONS = (Option("batch_size", int, 8, "candidates per ask", low=1),
+               Option("max_tries", int, 10_000, "draws per ask before giving up on finding a feasible one", low=1))
 
     def ask(self) -> list[Candidate]:
         out: list[Candidate] = []
@@ -54,10 +52,8 @@ class Exhaustive(Strategy):
     name = "exhaustive"
     batch_hint = True
 
-    def __init__(self, limit: int = 100_000, batch_size: int = 256):
-        super().__init__(limit=limit, batch_size=batch_size)
-        self.limit = int(limit)
-        self.batch_size = int(batch_size)
+    OPTIONS = (Option("limit", int, 100_000, "refuse spaces with more candidates than this", low=1),
+               Option("batch_size", int, 256, "candidates per ask", low=1))
 
     def start(self):
         n = self.space.cardinality

@@ -40,12 +40,21 @@ from typing import Sequence
 
 import numpy as np
 
-from ..evaluator import Evaluation
-from ..space import Candidate
-from .base import Strategy, register
-from .pso import SizeTables
+from ..core.pareto import pareto_front
+from ..core.records import Evaluation
+from ..errors import OptionError
+from ..core.space import Candidate
+from .base import Option, Strategy, register
 
 SAMPLERS = ("tpe", "gp", "nsga2")
+
+
+def _warm_start(value):
+    if value is None or value == "uniform":
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in value):
+        return [tuple(c) for c in value]
+    raise ValueError("expected 'uniform', a list of candidates (lists of bits per decision) or null")
 
 
 @contextlib.contextmanager
@@ -65,30 +74,26 @@ class Bayes(Strategy):
     name = "bayes"
     batch_hint = False
 
-    def __init__(self, sampler: str = "tpe", batch_size: int = 1, warm_start: str | Sequence | None = "uniform",
-                 repair: bool = True, max_retries: int = 20, n_startup_trials: int | None = None,
-                 population_size: int | None = None, n_ei_candidates: int = 12, local_share: float = 0.5):
-        super().__init__(sampler=sampler, batch_size=batch_size, warm_start=warm_start, repair=repair,
-                         max_retries=max_retries, n_startup_trials=n_startup_trials, population_size=population_size,
-                         n_ei_candidates=n_ei_candidates, local_share=local_share)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        if int(batch_size) < 1:
-            raise ValueError("batch_size must be at least 1")
-        if isinstance(warm_start, str) and warm_start != "uniform":
-            raise ValueError(f"warm_start must be 'uniform', a list of candidates or None, got {warm_start!r}")
-        self.sampler_name = sampler
-        self.batch_size = int(batch_size)
-        self.warm_start = warm_start
-        self.do_repair = bool(repair)
-        self.max_retries = int(max_retries)
-        self.n_startup_trials = n_startup_trials
-        self.population_size = population_size
-        self.n_ei_candidates = int(n_ei_candidates)
-        if not 0.0 <= float(local_share) < 1.0:
-            raise ValueError(f"local_share must be in [0, 1), got {local_share}")
-        self.local_share = float(local_share)
-        self.continuous = sampler == "tpe"  # see the module docstring
+    OPTIONS = (
+        Option("sampler", str, "tpe", "optuna sampler", choices=SAMPLERS),
+        Option("batch_size", int, 1, "candidates per ask (set it to the number of workers)", low=1),
+        Option("warm_start", object, "uniform", "'uniform', a list of candidates (bits per decision) or null",
+               check=lambda v: _warm_start(v)),
+        Option("repair", bool, True, "enqueue the repair of an infeasible suggestion"),
+        Option("max_retries", int, 20, "suggestions of known candidates before a random new one is enqueued", low=1),
+        Option("n_startup_trials", int, None, "random trials before the model is used (optuna's default: null)",
+               low=0, nullable=True),
+        Option("population_size", int, None, "nsga2 population (default: from the number of decisions)", low=2,
+               nullable=True),
+        Option("n_ei_candidates", int, 12, "TPE: candidates scored per suggestion", low=1),
+        Option("local_share", float, 0.5, "share of candidates taken as local moves next to the incumbent",
+               low=0.0, high=1.0, high_open=True),
+    )
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.sampler_name = self.sampler
+        self.continuous = self.sampler == "tpe"  # see the module docstring
 
     # ---- set-up ------------------------------------------------------------------------
     def _make_sampler(self):
@@ -108,10 +113,9 @@ class Bayes(Strategy):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.tab = SizeTables(self.ctx)
         self.front_mode = self.ctx.budget is None
         self.names = [f"d{j}" for j in range(self.space.n_decisions)]
-        self.fp_bytes = float(self.ctx.size.full_precision_bytes)
+        self.fp_bytes = float(self.ctx.sizes.full_precision_bytes)
         with _quiet():
             self.sampler = self._make_sampler()
             directions = ["minimize", "maximize"] if self.front_mode else ["maximize"]
@@ -133,7 +137,10 @@ class Bayes(Strategy):
             warm = [self.space.uniform(b) for b in sorted(self.space.uniform_bits(), reverse=True)]
             warm = [c for c in warm if c is not None and self.feasible(c)]
         elif self.warm_start is not None:
-            warm = [self.space.validate(c) for c in self.warm_start]
+            try:
+                warm = [self.space.check_candidate(c) for c in self.warm_start]
+            except ValueError as exc:
+                raise OptionError(f"strategy 'bayes': option warm_start: {exc}") from None
         for c in warm:
             self._enqueue(c)
 
@@ -156,7 +163,7 @@ class Bayes(Strategy):
 
     def _tell(self, trial, idx: np.ndarray, ev: Evaluation | None) -> None:
         if not self.front_mode:
-            trial.set_constraint("size", float(self.tab.excess(idx[None])[0]))
+            trial.set_constraint("size", float(self.ctx.budget.excess(self.ctx.sizes, idx[None])[0]))
         self.study.tell(trial, self._values(ev) if ev is not None else self._worst())
 
     # ---- ask / tell ----------------------------------------------------------------------
@@ -200,8 +207,8 @@ class Bayes(Strategy):
             if not self.feasible(cand):
                 self._tell(trial, idx, None)  # infeasible: told for free, never evaluated
                 self.n_free += 1
-                if self.do_repair:
-                    self._enqueue(self.space.decode(self.tab.repair(idx)))
+                if self.repair:
+                    self._enqueue(self.space.decode(self.repaired(idx)))
                 continue
             if cand in self.archive:
                 self._tell(trial, idx, self.archive[cand])  # known: its values again, for free
@@ -222,11 +229,7 @@ class Bayes(Strategy):
     def _incumbent(self) -> np.ndarray:
         """Budget mode: the best feasible evaluation; front mode: a random point of the evaluated front."""
         if self.front_mode:
-            front, best = [], -np.inf
-            for e in sorted(self.archive.values(), key=lambda e: (e.size_bytes, -e.metric, e.candidate)):
-                if e.metric > best:
-                    front.append(e)
-                    best = e.metric
+            front = pareto_front(self.archive.values())
             pick = front[int(self.rng.integers(len(front)))]
         else:
             feasible = [e for e in self.archive.values() if self.feasible(e.candidate)]
@@ -243,7 +246,7 @@ class Bayes(Strategy):
         for moves in self.moves:
             rows = idx[None, :] + moves
             rows = rows[((rows >= 0) & (rows < n)).all(axis=1)]
-            rows = rows[self.tab.fits(rows)] if len(rows) else rows
+            rows = rows[self.ctx.feasible_idx(rows)] if len(rows) else rows
             for k in self.rng.permutation(len(rows)):
                 c = self.space.decode(rows[k])
                 if self._fresh(c):
@@ -261,7 +264,7 @@ class Bayes(Strategy):
         for _ in range(10_000):
             c = self.space.random(self.rng)
             if not self.feasible(c):
-                c = self.space.decode(self.tab.repair(self.space.encode(c)))
+                c = self.space.decode(self.repaired(self.space.encode(c)))
             if self._fresh(c):
                 return c
         return None

@@ -21,43 +21,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..space import Candidate
-from .base import register
+from ..core.pareto import pareto_front
+from ..core.repair import greedy_path, repair
+from ..core.space import Candidate
+from .base import Option, register
 from .sensitivity import SensitivityStrategy
 
 PAIR_SWAP_MAX_DECISIONS = 16  # front mode: pair swaps only on spaces this small
-
-
-def _path_from(loss: list[np.ndarray], sizes: list[np.ndarray], start: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Greedy path of choice indices: each step lowers one decision by one choice, least loss per byte first."""
-    idx = list(start)
-    out = [tuple(idx)]
-    while True:
-        best = None
-        for d, i in enumerate(idx):
-            if i == 0:
-                continue
-            dl = float(loss[d][i - 1] - loss[d][i])
-            db = int(sizes[d][i] - sizes[d][i - 1])
-            ratio = dl / db if db > 0 else (-np.inf if dl <= 0 else np.inf)
-            key = (ratio, -db, d)
-            if best is None or key < best:
-                best = key
-        if best is None:
-            return out
-        idx[best[2]] -= 1
-        out.append(tuple(idx))
 
 
 @register
 class Greedy(SensitivityStrategy):
     name = "greedy"
 
-    def __init__(self, batch_size: int = 4, parents: int = 3, spread_share: float = 0.5):
-        super().__init__(batch_size=batch_size, parents=parents, spread_share=spread_share)
-        self.batch_size = max(1, int(batch_size))
-        self.n_parents = max(1, int(parents))
-        self.spread_share = float(spread_share)
+    OPTIONS = (Option("batch_size", int, 4, "candidates per ask after phase 1", low=1),
+               Option("parents", int, 3, "budget mode: best feasible candidates whose swaps are ranked", low=1),
+               Option("spread_share", float, 0.5, "front mode: share of the remaining evaluations spread along the path",
+                      low=0.0, high=1.0))
 
     def _init(self) -> None:
         self.path: list[Candidate] = []
@@ -71,7 +51,7 @@ class Greedy(SensitivityStrategy):
     # ---- phase 2: the path ------------------------------------------------------------------
     def phase2_start(self) -> None:
         loss = self.sens.loss
-        self.path_idx = _path_from(loss, self.sizes, self.sens.top_idx)
+        self.path_idx = greedy_path(self.sens.top_idx, loss, self.byte_table)
         arr = np.array(self.path_idx, dtype=np.int64).reshape(len(self.path_idx), -1)
         self.path = [self.decode_idx(p) for p in self.path_idx]
         self.path_sizes = [int(s) for s in self.size_idx(arr)]
@@ -113,7 +93,7 @@ class Greedy(SensitivityStrategy):
             return []
         feas.sort(key=lambda r: (-r.metric, r.size_bytes, r.candidate))
         pool: dict[tuple[int, ...], float] = {}
-        for r in feas[: self.n_parents]:
+        for r in feas[: self.parents]:
             pidx = tuple(self.space.encode(r.candidate))
             nb, delta = self._budget_neighbours(pidx)
             for row, dv in zip(nb, delta):
@@ -174,24 +154,9 @@ class Greedy(SensitivityStrategy):
         return rows[keep], delta[keep]
 
     def _repair(self, idx: np.ndarray, frozen: int) -> tuple[int, ...]:
-        """Lower decisions other than ``frozen`` along the greedy rule until the candidate is feasible."""
-        idx = idx.copy()
-        loss = self.sens.loss
-        while not self.feasible_idx(idx)[0]:
-            best = None
-            for d, i in enumerate(idx):
-                if d == frozen or i == 0:
-                    continue
-                dl = float(loss[d][i - 1] - loss[d][i])
-                db = int(self.sizes[d][i] - self.sizes[d][i - 1])
-                ratio = dl / db if db > 0 else (-np.inf if dl <= 0 else np.inf)
-                key = (ratio, -db, d)
-                if best is None or key < best:
-                    best = key
-            if best is None:
-                break
-            idx[best[2]] -= 1
-        return tuple(int(v) for v in idx)
+        """Lower decisions other than ``frozen`` by the descent rule on the measured losses until it fits."""
+        fixed = repair(idx, lambda i: bool(self.feasible_idx(i)[0]), self.sens.loss, self.byte_table, frozen)
+        return tuple(int(v) for v in fixed)
 
     # front mode
     def _ask_front(self) -> list[Candidate]:
@@ -211,26 +176,15 @@ class Greedy(SensitivityStrategy):
         cands = [self.path[i] for i in picks]
         return self.new(cands)
 
-    def _front(self):
-        pts = sorted(((r.size_bytes, r.metric) for r in self.results.values()), key=lambda p: (p[0], -p[1]))
-        front = []
-        for s, m in pts:
-            if not front or m > front[-1][1]:
-                front.append((s, m))
-        return front
-
     def _refine_front(self) -> list[Candidate]:
-        front = self._front()
+        front = [(r.size_bytes, r.metric, r.candidate) for r in pareto_front(self.results.values())]
         if not front:
             return []
-        by_sm = {}
-        for c, r in self.results.items():
-            by_sm.setdefault((r.size_bytes, r.metric), c)
         n_ch = np.array(self.space.n_choices)
         D = len(n_ch)
         pool: dict[tuple[int, ...], float] = {}
-        for s, m in front:
-            p = np.array(self.space.encode(by_sm[(s, m)]), dtype=np.int64)
+        for s, m, cand in front:
+            p = np.array(self.space.encode(cand), dtype=np.int64)
             rows = []
             for d in range(D):
                 for step in (-1, 1):
@@ -258,7 +212,7 @@ class Greedy(SensitivityStrategy):
         keys = np.array([t for t, _ in items], dtype=np.int64)
         pred = np.array([v for _, v in items])
         size = self.size_idx(keys).astype(float)
-        contrib, gap = _hv_gain(front, size, pred, float(self.ctx.size.full_precision_bytes))
+        contrib, gap = _hv_gain(front, size, pred, float(self.ctx.sizes.full_precision_bytes))
         order = np.lexsort((np.arange(len(items)), -gap, -contrib))
         out: list[Candidate] = []
         for j in order:

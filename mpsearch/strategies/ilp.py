@@ -7,7 +7,7 @@ among candidates the proxy cannot tell apart, the one with more bits is taken.
 Constraints, from the exact size tables:
 
 - bytes: ``fixed_bytes + sum table[d][i] x[d, i] <= max_bytes``;
-- average bits: ``sum bits_table[d][i] x[d, i] <= B * total_count - fixed_bits``, which is
+- average bits: ``sum bit_table[d][i] x[d, i] <= B * total_count - fixed_bits``, which is
   ``avg_bits <= B`` multiplied out.
 
 Budget mode: the proxy optimum is evaluated first. Then the best real feasible candidate
@@ -42,8 +42,10 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from ..space import Candidate
-from .base import register
+from ..core.budget import AVG_BITS_TOLERANCE, Budget
+from ..core.pareto import pareto_front
+from ..core.space import Candidate
+from .base import Option, register
 from .mckp import KnapsackTable
 from .sensitivity import SensitivityStrategy
 
@@ -75,15 +77,18 @@ def _quiet_stdout():
 class ILP(SensitivityStrategy):
     name = "ilp"
 
-    def __init__(self, batch_size: int = 8, time_limit: float = 2.0, sweep_share: float = 0.5,
-                 solver: str = "auto"):
-        super().__init__(batch_size=batch_size, time_limit=time_limit, sweep_share=sweep_share, solver=solver)
-        if solver not in ("auto", "milp"):
-            raise ValueError(f"solver must be 'auto' or 'milp', got {solver!r}")
-        self.use_knapsack = solver == "auto"
-        self.batch_size = max(1, int(batch_size))
-        self.time_limit = float(time_limit)
-        self.sweep_share = float(sweep_share)
+    OPTIONS = (
+        Option("batch_size", int, 8, "candidates per ask after phase 1", low=1),
+        Option("time_limit", float, 2.0, "seconds per milp solve", low=0.0),
+        Option("sweep_share", float, 0.5, "front mode: share of the remaining evaluations for the byte-level sweep",
+               low=0.0, high=1.0),
+        Option("solver", str, "auto", "auto: knapsack table where it applies, milp otherwise; milp: always milp",
+               choices=("auto", "milp")),
+    )
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.use_knapsack = self.solver == "auto"
 
     def _init(self) -> None:
         self.solutions: list[Candidate] = []  # every candidate the program proposed, in order
@@ -102,7 +107,7 @@ class ILP(SensitivityStrategy):
 
     # ---- the program ---------------------------------------------------------------------------
     def phase2_start(self) -> None:
-        space, size = self.space, self.ctx.size
+        space, size = self.space, self.ctx.sizes
         n_ch = space.n_choices
         self.offsets = np.concatenate([[0], np.cumsum(n_ch)]).astype(int)
         nvar = int(self.offsets[-1])
@@ -119,7 +124,7 @@ class ILP(SensitivityStrategy):
         self.c = np.concatenate(self.objective_table) * self.obj_scale if nvar else np.zeros(0)
         rows = np.repeat(np.arange(len(n_ch)), n_ch)
         self.A_onehot = sparse.csr_matrix((np.ones(nvar), (rows, np.arange(nvar))), shape=(len(n_ch), nvar))
-        self.bytes_row = np.concatenate([np.asarray(t, dtype=float) for t in size.table]) if nvar else np.zeros(0)
+        self.bytes_row = np.concatenate([np.asarray(t, dtype=float) for t in size.byte_table]) if nvar else np.zeros(0)
         self.bits_row = {}
         self.top_bytes = int(self.size_idx(np.array(self.sens.top_idx))[0])
         self.min_bytes = int(size.min_size_bytes())
@@ -132,7 +137,7 @@ class ILP(SensitivityStrategy):
         return float(sum(self.objective_table[d][i] for d, i in enumerate(idx)))
 
     def _constraints(self, max_bytes: int | None, max_avg_bits: float | None) -> LinearConstraint:
-        size = self.ctx.size
+        size = self.ctx.sizes
         A = [self.A_onehot]
         low = [np.ones(self.A_onehot.shape[0])]
         high = [np.ones(self.A_onehot.shape[0])]
@@ -142,10 +147,10 @@ class ILP(SensitivityStrategy):
             high.append([float(max_bytes - size.fixed_bytes)])
         if max_avg_bits is not None:
             # sum of weight bits <= B x (every weight in the space) - pinned bits
-            row = np.concatenate([t.astype(float) for t in size.bits_table])
+            row = np.concatenate([t.astype(float) for t in size.bit_table])
             A.append(sparse.csr_matrix(row[None, :]))
             low.append([-np.inf])
-            high.append([size.weight_bits_cap(float(max_avg_bits) + 1e-9)])
+            high.append([size.weight_bits_cap(float(max_avg_bits) + AVG_BITS_TOLERANCE)])
         return LinearConstraint(sparse.vstack(A).tocsr(), np.concatenate(low), np.concatenate(high))
 
     def solve(self, max_bytes: int | None = None, max_avg_bits: float | None = None,
@@ -170,8 +175,7 @@ class ILP(SensitivityStrategy):
         if idx is None:
             return None
         c = self.decode_idx(idx)
-        if (max_bytes is not None and self.ctx.size.size_bytes(c) > max_bytes) or (
-                max_avg_bits is not None and self.ctx.size.avg_bits(c) > max_avg_bits + 1e-9):
+        if not Budget(max_bytes, max_avg_bits).feasible(self.ctx.sizes, c):
             return None  # the solver's tolerance let a row slip
         return c
 
@@ -179,11 +183,11 @@ class ILP(SensitivityStrategy):
         """One limit and at most one forced pair: a multiple-choice knapsack, read off a ``KnapsackTable``."""
         if (max_bytes is None) == (max_avg_bits is None) or len(force) > 1 or not self.use_knapsack:
             return NOT_SOLVED
-        size = self.ctx.size
+        size = self.ctx.sizes
         if max_bytes is not None:
-            kind, weights, cap = "bytes", size.table, float(max_bytes - size.fixed_bytes)
+            kind, weights, cap = "bytes", size.byte_table, float(max_bytes - size.fixed_bytes)
         else:
-            kind, weights, cap = "bits", size.bits_table, size.weight_bits_cap(float(max_avg_bits) + 1e-9)
+            kind, weights, cap = "bits", size.bit_table, size.weight_bits_cap(float(max_avg_bits) + AVG_BITS_TOLERANCE)
         table = self._tables.get(kind)
         if table is None or (table.applicable and not table.covers(cap)):
             table = self._tables[kind] = KnapsackTable(self.objective_table, weights, cap)
@@ -274,16 +278,10 @@ class ILP(SensitivityStrategy):
         if out:
             return out
         # the sweep has found what it can: expand the real front's points at their own size
-        return self._ask_expansions(self._front_candidates(), lambda p: (self.ctx.size.size_bytes(p), None))
+        return self._ask_expansions(self._front_candidates(), lambda p: (self.ctx.sizes.size_bytes(p), None))
 
     def _front_candidates(self) -> list[Candidate]:
-        pts = sorted(self.results.values(), key=lambda r: (r.size_bytes, -r.metric, r.candidate))
-        front, best = [], -np.inf
-        for r in pts:
-            if r.metric > best:
-                front.append(r)
-                best = r.metric
-        front.sort(key=lambda r: (-r.metric, r.size_bytes, r.candidate))
+        front = sorted(pareto_front(self.results.values()), key=lambda r: (-r.metric, r.size_bytes, r.candidate))
         return [r.candidate for r in front]
 
     def _midpoints(self) -> list[int]:

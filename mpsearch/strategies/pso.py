@@ -29,10 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..evaluator import Evaluation
-from ..quantize import UNQUANTIZED_BITS
-from ..space import Candidate
-from .base import Strategy, register
+from ..core.records import Evaluation
+from ..core.space import Candidate
+from .base import Option, Strategy, register
 
 _PS_LOCK = threading.Lock()
 _PS = None  # (Swarm, Star, BoundaryHandler, VelocityHandler, ops) once imported
@@ -78,85 +77,6 @@ def _global_numpy_seed(rng: np.random.Generator):
         np.random.set_state(state)
 
 
-class SizeTables:
-    """Exact bytes and average bits of index vectors, vectorised over rows (from ``SizeModel``)."""
-
-    def __init__(self, ctx):
-        space, size = ctx.space, ctx.size
-        self.n = np.array(space.n_choices, dtype=np.int64)
-        self.D = len(self.n)
-        k = int(self.n.max()) if self.D else 1
-        self.bytes = np.zeros((self.D, k), dtype=np.float64)
-        self.bits = np.zeros((self.D, k), dtype=np.float64)  # quantized-weight bits (numerator of avg bits)
-        self.cnt = np.zeros((self.D, k), dtype=np.float64)  # quantized-weight count (denominator)
-        for d, dec in enumerate(space.decisions):
-            for i, b in enumerate(dec.choices):
-                self.bytes[d, i] = size.table[d][i]
-                self.bits[d, i] = float(size.bits_table[d][i])  # 32-bit weights count at float width
-                self.cnt[d, i] = float(size.counts[d])
-            self.bytes[d, dec.n_choices:] = np.inf
-        self.fixed_bytes = float(size.fixed_bytes)
-        self.fixed_bits = float(size.fixed_bits)
-        self.fixed_count = float(size.fixed_count)
-        self.rows = np.arange(self.D)
-        self.min_bytes = float(size.min_size_bytes())
-        self.max_bytes = self.fixed_bytes + float(sum(size.table[d][-1] for d in range(self.D)))
-        budget = ctx.budget
-        self.cap_bytes = None if budget is None or budget.max_bytes is None else float(budget.max_bytes)
-        self.cap_bits = None if budget is None or budget.max_avg_bits is None else float(budget.max_avg_bits) + 1e-9
-        self.bits_per_byte_saved = None
-
-    def stats(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(bytes, avg bits) of each row of an (N, D) index matrix."""
-        idx = np.atleast_2d(idx)
-        b = self.fixed_bytes + self.bytes[self.rows, idx].sum(axis=1)
-        cnt = self.fixed_count + self.cnt[self.rows, idx].sum(axis=1)
-        bits = self.fixed_bits + self.bits[self.rows, idx].sum(axis=1)
-        avg = np.where(cnt > 0, bits / np.maximum(cnt, 1.0), float(UNQUANTIZED_BITS))
-        return b, avg
-
-    def fits(self, idx: np.ndarray, cap: np.ndarray | float | None = None) -> np.ndarray:
-        """Rows within the budget and within ``cap`` bytes (per row or scalar)."""
-        b, avg = self.stats(idx)
-        ok = np.ones(len(b), dtype=bool)
-        if self.cap_bytes is not None:
-            ok &= b <= self.cap_bytes
-        if self.cap_bits is not None:
-            ok &= avg <= self.cap_bits
-        if cap is not None:
-            ok &= b <= cap
-        return ok
-
-    def excess(self, idx: np.ndarray) -> np.ndarray:
-        """Relative excess over the budget per row (<= 0 feasible)."""
-        b, avg = self.stats(idx)
-        out = np.full(len(b), -np.inf)
-        if self.cap_bytes is not None:
-            out = np.maximum(out, (b - self.cap_bytes) / self.cap_bytes)
-        if self.cap_bits is not None:
-            out = np.maximum(out, (avg - self.cap_bits) / self.cap_bits)
-        return np.where(np.isfinite(out), out, 0.0)
-
-    def repair(self, idx: Sequence[int], cap: float | None = None) -> np.ndarray:
-        """Lower decisions until ``idx`` fits: each step takes the one-level drop that saves the most
-        bytes per unit of a quantisation-noise proxy (n_params x 4^-bits)."""
-        idx = np.array(idx, dtype=np.int64)
-        while not self.fits(idx[None], cap)[0]:
-            can = idx > 0
-            if not can.any():
-                break
-            lo = np.where(can, idx - 1, 0)
-            saved = self.bytes[self.rows, idx] - self.bytes[self.rows, lo]
-            # noise proxy from the bit-widths themselves: counts * (4^-b_lo - 4^-b_hi)
-            cnt = np.maximum(self.cnt[self.rows, idx], 1.0)
-            b_hi = self.bits[self.rows, idx] / cnt
-            b_lo = self.bits[self.rows, lo] / cnt
-            loss = cnt * (4.0 ** -np.maximum(b_lo, 0.5) - 4.0 ** -np.maximum(b_hi, 0.5)) + 1e-12
-            score = np.where(can, saved / loss, -np.inf)
-            idx[int(np.argmax(score))] -= 1
-        return idx
-
-
 @register
 class PSO(Strategy):
     """Particle swarm over per-decision positions in [0, n_choices), projected onto the size cap."""
@@ -164,42 +84,43 @@ class PSO(Strategy):
     name = "pso"
     batch_hint = True
 
-    def __init__(self, n_particles: int = 16, w: float = 0.7, c1: float = 1.5, c2: float = 1.5,
-                 vmax: float = 0.5, init_uniform: float = 0.3, cap_gamma: float = 2.0,
-                 repair: bool = True, penalty: float = 1.0, mutation_tries: int = 8):
-        super().__init__(n_particles=n_particles, w=w, c1=c1, c2=c2, vmax=vmax, init_uniform=init_uniform,
-                         cap_gamma=cap_gamma, repair=repair, penalty=penalty, mutation_tries=mutation_tries)
-        if int(n_particles) < 1:
-            raise ValueError("n_particles must be at least 1")
-        self.n_particles = int(n_particles)
-        self.w, self.c1, self.c2 = float(w), float(c1), float(c2)
-        self.vmax = float(vmax)  # velocity clamp, as a fraction of the widest dimension
-        self.init_uniform = float(init_uniform)  # share of the first swarm placed near the diagonal
-        self.cap_gamma = float(cap_gamma)  # front mode: caps at min + (max - min) * u**gamma
-        self.do_repair = bool(repair)
-        self.penalty = float(penalty)
-        self.mutation_tries = int(mutation_tries)
+    OPTIONS = (
+        Option("n_particles", int, 16, "swarm size", low=1),
+        Option("w", float, 0.7, "inertia", low=0.0),
+        Option("c1", float, 1.5, "cognitive coefficient", low=0.0),
+        Option("c2", float, 1.5, "social coefficient", low=0.0),
+        Option("vmax", float, 0.5, "velocity clamp, as a fraction of the widest dimension", low=0.0),
+        Option("init_uniform", float, 0.3, "share of the first swarm placed near the diagonal", low=0.0, high=1.0),
+        Option("cap_gamma", float, 2.0, "front mode: caps at min + (max - min) * u**gamma", low=0.0),
+        Option("repair", bool, True, "project positions onto the budget (else penalise the excess)"),
+        Option("penalty", float, 1.0, "without repair: cost per unit of relative excess", low=0.0),
+        Option("mutation_tries", int, 8, "mutations tried when a particle lands on a known candidate", low=0),
+    )
 
     # ---- set-up ------------------------------------------------------------------------
     def start(self):
         Swarm, Star, BoundaryHandler, VelocityHandler, self._ops = _pyswarms()
-        self.tab = SizeTables(self.ctx)
-        D, N = self.tab.D, self.n_particles
+        sizes = self.ctx.sizes
+        self.n = np.array(self.space.n_choices, dtype=np.int64)
+        self.D = D = len(self.n)
+        N = self.n_particles
+        self.min_bytes = float(sizes.min_size_bytes())
+        self.max_bytes = float(sizes.max_size_bytes())
         self.front_mode = self.ctx.budget is None
-        self.upper = self.tab.n.astype(float) - 1e-6
+        self.upper = self.n.astype(float) - 1e-6
         self.bounds = (np.zeros(D), self.upper.copy())
-        vm = self.vmax * float(self.tab.n.max())
+        vm = self.vmax * float(self.n.max())
         self.clamp = (-vm, vm)
         with _contained_logging():
             self.topology = Star()
             self.bh = BoundaryHandler(strategy="nearest")
             self.vh = VelocityHandler(strategy="unmodified")
         n_diag = int(round(self.init_uniform * N))
-        pos = self.rng.uniform(0.0, 1.0, (N, D)) * self.tab.n
+        pos = self.rng.uniform(0.0, 1.0, (N, D)) * self.n
         for i in range(min(n_diag, N)):
             # near-uniform allocations at spread-out levels (they are projected onto the cap anyway)
             level = (i + 0.5) / max(n_diag, 1)
-            pos[i] = level * self.tab.n + self.rng.normal(0.0, 0.15, D)
+            pos[i] = level * self.n + self.rng.normal(0.0, 0.15, D)
         pos = np.clip(pos, 0.0, self.upper)
         vel = self.rng.uniform(-0.1, 0.1, (N, D)) * vm
         options = {"c1": self.c1, "c2": self.c2, "w": self.w}
@@ -221,24 +142,31 @@ class PSO(Strategy):
             return None
         N = self.n_particles
         u = (self.rng.permutation(N) + self.rng.uniform(0.0, 1.0, N)) / N
-        return self.tab.min_bytes + (self.tab.max_bytes - self.tab.min_bytes) * u ** self.cap_gamma
+        return self.min_bytes + (self.max_bytes - self.min_bytes) * u ** self.cap_gamma
 
     # ---- projection --------------------------------------------------------------------
+    def _fits(self, idx: np.ndarray, caps: np.ndarray | float | None = None) -> np.ndarray:
+        """Rows of choice indices within the budget and within ``caps`` bytes (per row or scalar)."""
+        ok = self.ctx.feasible_idx(idx)
+        if caps is not None:
+            ok &= self.ctx.sizes.bytes_idx(idx) <= caps
+        return ok
+
     def _decode(self, pos: np.ndarray) -> np.ndarray:
-        return np.minimum(np.floor(np.clip(pos, 0.0, None)).astype(np.int64), self.tab.n - 1)
+        return np.minimum(np.floor(np.clip(pos, 0.0, None)).astype(np.int64), self.n - 1)
 
     def _project(self, pos: np.ndarray, caps: np.ndarray | None, fill: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Shift each row along the diagonal to the largest shift that fits, then fill the slack."""
         pos = np.clip(pos, 0.0, self.upper)
-        if not self.do_repair:
+        if not self.repair:
             return pos, self._decode(pos)
         N = len(pos)
-        span = float(self.tab.n.max())
+        span = float(self.n.max())
         lo, hi = np.full(N, -span), np.full(N, span)
-        lo_ok = self.tab.fits(self._decode(pos + lo[:, None]), caps)
+        lo_ok = self._fits(self._decode(pos + lo[:, None]), caps)
         for _ in range(16):
             mid = 0.5 * (lo + hi)
-            ok = self.tab.fits(self._decode(pos + mid[:, None]), caps)
+            ok = self._fits(self._decode(pos + mid[:, None]), caps)
             lo = np.where(ok, mid, lo)
             hi = np.where(ok, hi, mid)
         shift = np.where(lo_ok, lo, -span)
@@ -249,35 +177,32 @@ class PSO(Strategy):
         # fill: raise the decisions nearest to their next level, one step each, while they fit
         for r in range(N):
             cap = None if caps is None else float(caps[r])
-            frac = new[r] - idx[r] + self.rng.uniform(0.0, 1e-6, self.tab.D)
+            frac = new[r] - idx[r] + self.rng.uniform(0.0, 1e-6, self.D)
             self._fill(idx[r], new[r], np.argsort(-frac), cap)
         return new, idx
 
     def _fill(self, idx: np.ndarray, x: np.ndarray, order, cap: float | None) -> None:
-        t = self.tab
-        rows = t.rows
-        nbytes = t.fixed_bytes + float(t.bytes[rows, idx].sum())
-        nbits = t.fixed_bits + float(t.bits[rows, idx].sum())
-        ncnt = t.fixed_count + float(t.cnt[rows, idx].sum())
-        limit = min(v for v in (t.cap_bytes, cap, np.inf) if v is not None)
+        sizes, budget = self.ctx.sizes, self.ctx.budget
+        nbytes = int(sizes.bytes_idx(idx)[0])
+        nbits = int(sizes.weight_bits_idx(idx)[0])
+        count = sizes.total_count
 
-        def ok(b, bits, cnt):
-            if b > limit:
+        def ok(b: int, bits: int) -> bool:
+            if cap is not None and b > cap:
                 return False
-            return t.cap_bits is None or (bits / cnt if cnt > 0 else float(UNQUANTIZED_BITS)) <= t.cap_bits
+            return budget is None or budget.fits(b, bits / count if count else 32.0)
 
-        if not ok(nbytes, nbits, ncnt):
+        if not ok(nbytes, nbits):
             return
         for d in order:
             i = idx[d]
-            if i + 1 >= t.n[d]:
+            if i + 1 >= self.n[d]:
                 continue
-            b = nbytes + t.bytes[d, i + 1] - t.bytes[d, i]
-            bits = nbits + t.bits[d, i + 1] - t.bits[d, i]
-            cnt = ncnt + t.cnt[d, i + 1] - t.cnt[d, i]
-            if ok(b, bits, cnt):
+            b = nbytes + int(sizes.byte_table[d][i + 1] - sizes.byte_table[d][i])
+            bits = nbits + int(sizes.bit_table[d][i + 1] - sizes.bit_table[d][i])
+            if ok(b, bits):
                 idx[d] = i + 1
-                nbytes, nbits, ncnt = b, bits, cnt
+                nbytes, nbits = b, bits
                 x[d] = max(x[d], i + 1.05)
 
     # ---- ask / tell ----------------------------------------------------------------------
@@ -297,7 +222,7 @@ class PSO(Strategy):
                 sw.position = self.topology.compute_position(sw, self.bounds, self.bh)
             self.caps = self._draw_caps()
         self.iteration += 1
-        raw_excess = self.tab.excess(self._decode(sw.position)) if not self.front_mode else np.zeros(N)
+        raw_excess = self.ctx.budget.excess(self.ctx.sizes, self._decode(sw.position)) if not self.front_mode else np.zeros(N)
         pos, idx = self._project(sw.position, self.caps)
         batch: list[Candidate] = []
         taken: set[Candidate] = set()
@@ -316,13 +241,13 @@ class PSO(Strategy):
 
     def _diversify(self, x: np.ndarray, r: int, taken: set) -> tuple[np.ndarray, Candidate | None]:
         """A particle that decodes to a known candidate: mutate a few decisions, else re-seed it."""
-        T, D = self.mutation_tries, self.tab.D
+        T, D = self.mutation_tries, self.D
         ys = np.repeat(x[None], T + 1, axis=0)
         for t in range(T):
             k = 1 + int(self.rng.integers(min(3, D)))
             dims = self.rng.choice(D, size=k, replace=False)
             ys[t, dims] += self.rng.choice([-1.0, 1.0], size=k) * self.rng.uniform(0.6, 1.6, size=k)
-        ys[T] = self.rng.uniform(0.0, 1.0, D) * self.tab.n  # re-seed: a fresh random position
+        ys[T] = self.rng.uniform(0.0, 1.0, D) * self.n  # re-seed: a fresh random position
         caps = None if self.caps is None else np.full(T + 1, self.caps[r])
         for fill in (True, False):  # unfilled (not maximal) variants once the boundary is used up
             zs, idx = self._project(ys, caps, fill)
@@ -338,7 +263,7 @@ class PSO(Strategy):
         for _ in range(10_000):
             c = self.space.random(self.rng)
             if not self.feasible(c):
-                c = self.space.decode(self.tab.repair(self.space.encode(c)))
+                c = self.space.decode(self.repaired(self.space.encode(c)))
             if self.feasible(c) and c not in self.seen:
                 return self.new([c])
         return []
@@ -354,7 +279,7 @@ class PSO(Strategy):
         if ev is None:
             return np.inf
         if cap is not None and ev.size_bytes > cap + 1e-9:
-            return 1e6 + (ev.size_bytes - cap) / self.tab.max_bytes
+            return 1e6 + (ev.size_bytes - cap) / self.max_bytes
         return -self.objective(ev)
 
     def _known_costs(self) -> np.ndarray:
@@ -363,7 +288,7 @@ class PSO(Strategy):
             ev = self.archive.get(cand) if cand is not None else None
             cap = None if self.caps is None else self.caps[r]
             out[r] = self._cost(ev, cap)
-            if not self.do_repair and np.isfinite(out[r]):
+            if not self.repair and np.isfinite(out[r]):
                 out[r] += self.penalty * self.pending_excess[r]
         return out
 

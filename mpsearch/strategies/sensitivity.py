@@ -17,32 +17,27 @@ from typing import Sequence
 
 import numpy as np
 
-from ..evaluator import Evaluation
-from ..quantize import FLOAT16_BITS
-from ..space import Candidate
+from ..core.records import Evaluation
+from ..core.repair import noise_level
+from ..core.space import Candidate
 from .base import Strategy
 
 PHASE1_SHARE = 0.6  # at most this share of max_evals goes to sensitivities (when they do not all fit)
 
 
-def noise_level(bits: int) -> float:
-    """Relative quantization noise of a bit-width: 4**-bits, 0 for float16 and unquantized weights."""
-    return 0.0 if bits >= FLOAT16_BITS else 4.0 ** (-bits)
-
-
 class Sensitivity:
     """The phase-1 plan, its measurements and the additive proxy built from them."""
 
-    def __init__(self, space, size, max_measurements: int | None = None):
+    def __init__(self, space, sizes, max_measurements: int | None = None):
         self.space = space
-        self.size = size
+        self.sizes = sizes
         self.top_idx = tuple(d.n_choices - 1 for d in space.decisions)
         self.top: Candidate = space.decode(self.top_idx)
         # (decision, choice index) pairs, lowest level first across decisions; bigger savings first in a level.
         pairs = []
         for level in range(max((d.n_choices for d in space.decisions), default=1) - 1):
             row = [(d, level) for d, dec in enumerate(space.decisions) if level < dec.n_choices - 1]
-            row.sort(key=lambda p: (-(int(size.table[p[0]][-1]) - int(size.table[p[0]][p[1]])), p[0]))
+            row.sort(key=lambda p: (-(int(sizes.byte_table[p[0]][-1]) - int(sizes.byte_table[p[0]][p[1]])), p[0]))
             pairs.extend(row)
         if max_measurements is not None:
             pairs = pairs[: max(0, max_measurements - 1)]
@@ -91,7 +86,7 @@ class Sensitivity:
         # Fallback for a decision with no measurement: mean loss per parameter at that bit-width elsewhere.
         per_param: dict[int, list[float]] = {}
         for (d, i), v in raw.items():
-            per_param.setdefault(decisions[d].choices[i], []).append(max(v, 0.0) / max(int(self.size.counts[d]), 1))
+            per_param.setdefault(decisions[d].choices[i], []).append(max(v, 0.0) / max(int(self.sizes.counts[d]), 1))
         out = []
         for d, dec in enumerate(decisions):
             n = dec.n_choices
@@ -108,7 +103,7 @@ class Sensitivity:
                 if lo is None:
                     bits_here = [x for x in per_param.get(b, [])]
                     if bits_here:
-                        vals[i] = float(np.mean(bits_here)) * int(self.size.counts[d])
+                        vals[i] = float(np.mean(bits_here)) * int(self.sizes.counts[d])
                     else:  # nothing measured at or below: scale the nearest measured loss above by noise
                         nh, nb = noise_level(dec.choices[hi]), noise_level(b)
                         vals[i] = known[hi] * (nb / nh) if nh > 0 else 0.0
@@ -145,12 +140,12 @@ class SensitivityStrategy(Strategy):
         cap = None
         if ctx.max_evals is not None and full > ctx.max_evals * PHASE1_SHARE:
             cap = max(min(ctx.space.n_decisions + 1, ctx.max_evals), int(ctx.max_evals * PHASE1_SHARE))
-        self.sens = Sensitivity(ctx.space, ctx.size, cap)
+        self.sens = Sensitivity(ctx.space, ctx.sizes, cap)
         self.results: dict[Candidate, Evaluation] = {}
         self.n_told = 0
         self._phase1_asked = False
         self._phase1_done = False
-        self.sizes = [np.asarray(t, dtype=np.int64) for t in ctx.size.table]
+        self.byte_table = ctx.sizes.byte_table
         self._init()
 
     def _init(self) -> None:
@@ -185,23 +180,10 @@ class SensitivityStrategy(Strategy):
 
     # ---- helpers ------------------------------------------------------------------------
     def size_idx(self, idx: np.ndarray) -> np.ndarray:
-        return self.ctx.size.size_bytes_idx(idx)
+        return self.ctx.sizes.bytes_idx(idx)
 
     def feasible_idx(self, idx: np.ndarray) -> np.ndarray:
-        """Budget check of (n, D) choice indices, vectorised; same arithmetic as Budget.feasible."""
-        idx = np.atleast_2d(idx)
-        ok = np.ones(len(idx), dtype=bool)
-        b = self.ctx.budget
-        if b is None:
-            return ok
-        if b.max_bytes is not None:
-            ok &= self.size_idx(idx) <= b.max_bytes
-        if b.max_avg_bits is not None:
-            ok &= self.avg_bits_idx(idx) <= b.max_avg_bits + 1e-9
-        return ok
-
-    def avg_bits_idx(self, idx: np.ndarray) -> np.ndarray:
-        return self.ctx.size.avg_bits_idx(idx)
+        return self.ctx.feasible_idx(idx)
 
     def decode_idx(self, idx) -> Candidate:
         return self.space.decode([int(i) for i in idx])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import TaskError
-from ..task import Task
+from .task import Task
 
 
 def _digits() -> Task:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError
-from ..task import Task
+from .task import Task
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 SEARCH_SPACE = "minilm.yaml"

@@ -1,7 +1,7 @@
 """``digits``: a small CNN on scikit-learn's bundled 8x8 digits (no download).
 
 The weights ship as ``data/digits_cnn.npz`` (about 160 KB); ``python -m
-mpsearch.models.digits`` retrains them deterministically from the same split.
+mpsearch.tasks.digits`` retrains them deterministically from the same split.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..task import Task
+from .task import Task
 
 WEIGHTS = Path(__file__).parent / "data" / "digits_cnn.npz"
 SEARCH_SPACE = "digits.yaml"

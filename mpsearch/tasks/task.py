@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .errors import TaskError
+from ..errors import TaskError
 
 
 @dataclass

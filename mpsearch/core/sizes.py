@@ -1,0 +1,145 @@
+"""Exact size in bytes of a quantized model, and its average bits: the one size table.
+
+Sizes are tabulated once per (decision, choice), so a candidate's size is a sum of table
+entries: strategies check budgets on whole populations without evaluating anything, and
+the evaluator, the plan and every strategy read the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, n_groups
+from .space import LayerSpec, SearchSpace
+
+MB = 1_000_000
+
+
+def layer_bytes(layer: LayerSpec, bits: int, cfg: QuantizerConfig) -> int:
+    """Packed integer weights (one contiguous bit-stream per tensor) plus their scales and zero-points."""
+    n = layer.n_params
+    if bits >= UNQUANTIZED_BITS:
+        return n * layer.element_size
+    if bits == FLOAT16_BITS:
+        return n * 2
+    groups = n_groups(layer.shape, cfg)
+    total = -(-n * bits // 8) + -(-groups * cfg.scale_bits // 8)
+    if cfg.scheme == "asymmetric":
+        total += -(-groups * cfg.zero_point_bits // 8)
+    return total
+
+
+def stored_bits(layer: LayerSpec, bits: int) -> int:
+    """Bits per weight as counted in the average: an unquantized weight counts at its float width."""
+    return layer.element_size * 8 if bits >= UNQUANTIZED_BITS else bits
+
+
+@dataclass(frozen=True)
+class Size:
+    size_bytes: int
+    avg_bits: float
+    compression_ratio: float
+
+
+class SizeTable:
+    """Bytes and weight bits of every (decision, choice), plus what every candidate shares.
+
+    ``byte_table[d][i]`` and ``bit_table[d][i]`` are integers (bytes; weight count x bits);
+    the ``*_idx`` methods take an ``(n, decisions)`` array of choice indices and are exact.
+    """
+
+    def __init__(self, space: SearchSpace, macs: dict[str, int] | None = None, activation_bits: int = 32):
+        self.space = space
+        cfg = space.quantizer
+        self.full_precision_bytes = sum(n * es for n, es in space.tensors.values())
+        weights = {spec.weight_name for spec in space.layers.values()}
+        # Everything that is not a searched or pinned weight ships unchanged.
+        self.unquantized_tensors = sorted(name for name in space.tensors if name not in weights)
+        self.unquantized_bytes = sum(space.tensors[name][0] * space.tensors[name][1] for name in self.unquantized_tensors)
+        self.fixed_bytes = self.unquantized_bytes
+        # Average bits run over every weight in the space; one left at 32 bits counts at its float width.
+        self.fixed_bits = 0
+        self.fixed_count = 0
+        for name, b in space.pinned.items():
+            layer = space.layers[name]
+            self.fixed_bytes += layer_bytes(layer, b, cfg)
+            self.fixed_bits += layer.n_params * stored_bits(layer, b)
+            self.fixed_count += layer.n_params
+        layers = space.layers
+        self.byte_table = [np.array([sum(layer_bytes(layers[n], b, cfg) for n in d.layers) for b in d.choices],
+                                    dtype=np.int64) for d in space.decisions]
+        self.bit_table = [np.array([sum(layers[n].n_params * stored_bits(layers[n], b) for n in d.layers)
+                                    for b in d.choices], dtype=np.int64) for d in space.decisions]
+        self.counts = np.array([sum(layers[n].n_params for n in d.layers) for d in space.decisions], dtype=np.int64)
+        self.total_count = self.fixed_count + int(self.counts.sum())
+        # padded (decisions x widest choice list) copies for whole-population lookups
+        D = len(space.decisions)
+        k = max(space.n_choices, default=1)
+        self._bytes = np.zeros((D, k), dtype=np.int64)
+        self._bits = np.zeros((D, k), dtype=np.int64)
+        for d in range(D):
+            self._bytes[d, : len(self.byte_table[d])] = self.byte_table[d]
+            self._bits[d, : len(self.bit_table[d])] = self.bit_table[d]
+        self._rows = np.arange(D)
+        self.macs = dict(macs or {})
+        self.activation_bits = activation_bits
+
+    # ---- one candidate (bits per decision) ----------------------------------------------
+    def size_bytes(self, candidate: Sequence[int]) -> int:
+        return int(self.bytes_idx(self.space.encode(candidate))[0])
+
+    def avg_bits(self, candidate: Sequence[int]) -> float:
+        return float(self.avg_bits_idx(self.space.encode(candidate))[0])
+
+    def size(self, candidate: Sequence[int]) -> Size:
+        idx = self.space.encode(candidate)  # once: this runs for every evaluation
+        s = int(self.bytes_idx(idx)[0])
+        return Size(s, float(self.avg_bits_idx(idx)[0]), self.full_precision_bytes / s)
+
+    # ---- many candidates (choice indices) -------------------------------------------------
+    def bytes_idx(self, idx) -> np.ndarray:
+        idx = np.atleast_2d(np.asarray(idx, dtype=np.int64))
+        return self.fixed_bytes + self._bytes[self._rows, idx].sum(axis=1)
+
+    def weight_bits_idx(self, idx) -> np.ndarray:
+        idx = np.atleast_2d(np.asarray(idx, dtype=np.int64))
+        return self.fixed_bits + self._bits[self._rows, idx].sum(axis=1)
+
+    def avg_bits_idx(self, idx) -> np.ndarray:
+        bits = self.weight_bits_idx(idx)
+        if not self.total_count:
+            return np.full(len(bits), float(UNQUANTIZED_BITS))
+        return bits / self.total_count
+
+    def weight_bits_cap(self, max_avg_bits: float) -> float:
+        """The average-bits budget as a cap on the decisions' weight bits: sum(bit_table) <= this."""
+        return max_avg_bits * self.total_count - self.fixed_bits
+
+    def bops(self, candidate: Sequence[int]) -> int:
+        """Bit operations per sample: MACs x weight bits x activation bits (activations stay float)."""
+        bits = self.space.layer_bits(candidate)
+        return int(sum(self.macs.get(n, 0) * b * self.activation_bits for n, b in bits.items()))
+
+    def min_size_bytes(self) -> int:
+        return int(self.fixed_bytes + sum(int(t.min()) for t in self.byte_table))
+
+    def max_size_bytes(self) -> int:
+        return int(self.fixed_bytes + sum(int(t.max()) for t in self.byte_table))
+
+    def min_avg_bits(self) -> float:
+        return self.avg_bits(self.space.lowest())
+
+    def count_within(self, fits, limit: int = 2_000_000, chunk: int = 200_000) -> int | None:
+        """How many candidates ``fits(bytes, avg_bits)`` admits; None when the space has more than ``limit``."""
+        n = self.space.cardinality
+        if n > limit:
+            return None
+        shape = self.space.n_choices
+        total = 0
+        for start in range(0, n, chunk):
+            flat = np.arange(start, min(n, start + chunk))
+            idx = np.stack(np.unravel_index(flat, shape), axis=1) if shape else np.zeros((len(flat), 0), np.int64)
+            total += int(np.count_nonzero(fits(self.bytes_idx(idx), self.avg_bits_idx(idx))))
+        return total

@@ -1,0 +1,164 @@
+"""The search space as plain data: searched layers, their choices, pins and ties.
+
+A space holds names, shapes and byte counts, never the model, so strategies that receive
+it cannot touch the model and import no torch. ``mpsearch.model`` builds spaces from a
+``torch.nn.Module``; everything here works on the description alone.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import SpaceError
+from .qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig
+
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+
+Candidate = tuple  # bits per decision, in decision order
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One quantizable weight; ``aliases`` are other modules that share it (counted once)."""
+
+    name: str
+    kind: str
+    weight_name: str
+    shape: tuple[int, ...]
+    choices: tuple[int, ...]
+    element_size: int = 4
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def n_params(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One searched bit-width, shared by every layer in ``layers`` (a tied group or a single layer)."""
+
+    name: str
+    layers: tuple[str, ...]
+    choices: tuple[int, ...]
+
+    @property
+    def n_choices(self) -> int:
+        return len(self.choices)
+
+
+def check_bits(bits: Iterable[int], where: str) -> tuple[int, ...]:
+    """Sorted, distinct bit-widths, each 1-16 or 32 (unquantized)."""
+    out = []
+    for b in bits:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+            raise SpaceError(f"{where}: bit-width {b!r} is not an integer")
+        b = int(b)
+        if not (1 <= b <= FLOAT16_BITS or b == UNQUANTIZED_BITS):
+            raise SpaceError(f"{where}: bit-width {b} is outside 1-16 (32 means unquantized)")
+        out.append(b)
+    if not out:
+        raise SpaceError(f"{where}: no bit-width choices")
+    return tuple(sorted(set(out)))
+
+
+@dataclass
+class SearchSpace:
+    layers: dict[str, LayerSpec]
+    decisions: list[Decision]
+    pinned: dict[str, int] = field(default_factory=dict)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    tensors: dict[str, tuple[int, int]] = field(default_factory=dict)  # every stored tensor: (numel, element size)
+    fingerprint: str = ""
+    model_name: str = "model"
+
+    @property
+    def n_decisions(self) -> int:
+        return len(self.decisions)
+
+    @property
+    def n_choices(self) -> list[int]:
+        return [d.n_choices for d in self.decisions]
+
+    @property
+    def cardinality(self) -> int:
+        return math.prod(self.n_choices)
+
+    def signature(self) -> dict:
+        """What identifies a space across processes and runs: stored studies are checked against it."""
+        return {"fingerprint": self.fingerprint, "decisions": [d.name for d in self.decisions],
+                "choices": [list(d.choices) for d in self.decisions]}
+
+    def decode(self, indices: Sequence[int]) -> Candidate:
+        """Choice indices (ordered low to high bits) -> bits per decision."""
+        if len(indices) != self.n_decisions:
+            raise ValueError(f"expected {self.n_decisions} indices, got {len(indices)}")
+        return tuple(d.choices[int(i)] for d, i in zip(self.decisions, indices))
+
+    def encode(self, candidate: Sequence[int]) -> tuple[int, ...]:
+        return tuple(d.choices.index(b) for d, b in zip(self.decisions, self.check_candidate(candidate)))
+
+    def check_candidate(self, candidate: Sequence[int]) -> Candidate:
+        """The candidate as a tuple of ints; refuses a wrong length, a non-integer or a bit-width not offered."""
+        if len(candidate) != self.n_decisions:
+            raise ValueError(f"candidate has {len(candidate)} entries, the space has {self.n_decisions} decisions")
+        out = []
+        for d, b in zip(self.decisions, candidate):
+            if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+                raise ValueError(f"decision {d.name}: bits must be an integer, got {b!r}")
+            if int(b) not in d.choices:
+                raise ValueError(f"decision {d.name}: {b} bits is not among its choices {list(d.choices)}")
+            out.append(int(b))
+        return tuple(out)
+
+    def layer_bits(self, candidate: Sequence[int]) -> dict[str, int]:
+        """Bits of every layer in the space (pinned ones included) for a candidate."""
+        bits = dict(self.pinned)
+        for d, b in zip(self.decisions, candidate):
+            for n in d.layers:
+                bits[n] = int(b)
+        return bits
+
+    def candidate_from_layer_bits(self, layer_bits: dict[str, int]) -> Candidate:
+        cand = []
+        for d in self.decisions:
+            vals = {int(layer_bits[n]) for n in d.layers if n in layer_bits}
+            if len(vals) != 1:
+                raise ValueError(f"decision {d.name}: expected one bit-width for its layers, got {sorted(vals) or 'none'}")
+            cand.append(vals.pop())
+        return self.check_candidate(cand)
+
+    def uniform(self, bits: int) -> Candidate | None:
+        """Every decision at ``bits``; None when some decision cannot take it."""
+        if any(bits not in d.choices for d in self.decisions):
+            return None
+        return tuple(bits for _ in self.decisions)
+
+    def uniform_bits(self) -> list[int]:
+        """Bit-widths that every decision allows (the uniform baselines)."""
+        common = set(self.decisions[0].choices) if self.decisions else set()
+        for d in self.decisions[1:]:
+            common &= set(d.choices)
+        return sorted(common)
+
+    def highest(self) -> Candidate:
+        return tuple(d.choices[-1] for d in self.decisions)
+
+    def lowest(self) -> Candidate:
+        return tuple(d.choices[0] for d in self.decisions)
+
+    def random(self, rng: np.random.Generator) -> Candidate:
+        return tuple(d.choices[int(rng.integers(d.n_choices))] for d in self.decisions)
+
+    def enumerate(self) -> Iterator[Candidate]:
+        return itertools.product(*(d.choices for d in self.decisions))
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.layers)} layers, {self.n_decisions} decisions, {len(self.pinned)} pinned, "
+            f"{self.cardinality:.3g} candidates"
+        )

@@ -1,0 +1,221 @@
+"""Walking a ``torch.nn.Module`` into a ``SearchSpace``: which weights are searched, with what choices.
+
+The space that comes out is plain data (``mpsearch.core.space``); this module is the only
+place that looks at the model to build it.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Sequence
+
+from torch import nn
+
+from ..core.qconfig import QuantizerConfig
+from ..core.space import DEFAULT_BITS, Decision, LayerSpec, SearchSpace, check_bits
+from ..errors import SpaceError
+
+LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+SPACE_KEYS = {"choices", "include", "exclude", "types", "pin", "tie", "limits", "layer_choices", "quantizer", "description"}
+
+
+def _matching(patterns: Sequence[str], names: Sequence[str], what: str) -> list[str]:
+    """Names that fully match any pattern; a pattern that matches nothing is an error."""
+    hits: list[str] = []
+    for pat in patterns:
+        try:
+            rx = re.compile(pat)
+        except re.error as exc:
+            raise SpaceError(f"{what}: invalid pattern {pat!r}: {exc}") from None
+        found = [n for n in names if rx.fullmatch(n)]
+        if not found:
+            raise SpaceError(f"{what}: pattern {pat!r} matches no layer")
+        hits.extend(n for n in found if n not in hits)
+    return hits
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the state's tensor names, shapes and dtypes: stable across processes, blind to values."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def unique_state_tensors(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every tensor that ships with the model (parameters and persistent buffers), shared ones once."""
+    seen: dict[int, str] = {}
+    out: dict[str, tuple[int, int]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t)
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = (t.numel(), t.element_size())
+    return out
+
+
+def build_space(
+    model: nn.Module,
+    choices: Sequence[int] = DEFAULT_BITS,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    types: Sequence[str] | None = None,
+    pin: dict[str, int] | None = None,
+    tie: Sequence[str | Sequence[str]] | None = None,
+    limits: dict[str, dict] | None = None,
+    layer_choices: dict[str, Sequence[int]] | None = None,
+    min_bits: int | None = None,
+    max_bits: int | None = None,
+    quantizer: QuantizerConfig | dict | None = None,
+    model_name: str = "model",
+) -> SearchSpace:
+    base_choices = check_bits(choices, "choices")
+    types = list(types or LAYER_TYPES)
+    unknown = [t for t in types if t not in LAYER_TYPES]
+    if unknown:
+        raise SpaceError(f"types: unknown layer type(s) {unknown}; known: {', '.join(LAYER_TYPES)}")
+    classes = tuple(LAYER_TYPES[t] for t in types)
+    if isinstance(quantizer, dict):
+        try:
+            quantizer = QuantizerConfig.from_dict(quantizer)
+        except (TypeError, ValueError) as exc:
+            raise SpaceError(f"quantizer: {exc}") from None
+    quantizer = quantizer or QuantizerConfig()
+
+    found: dict[str, LayerSpec] = {}
+    by_param: dict[int, str] = {}
+    # A shared weight appears once in the size model, under the state-dict key kept first.
+    state_key: dict[int, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        state_key.setdefault(id(t), key)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not isinstance(mod, classes) or getattr(mod, "weight", None) is None:
+            continue
+        w = mod.weight
+        if id(w) in by_param:
+            first = by_param[id(w)]
+            spec = found[first]
+            if name != first and name not in spec.aliases:
+                found[first] = LayerSpec(**{**spec.__dict__, "aliases": spec.aliases + (name,)})
+            continue
+        by_param[id(w)] = name
+        kind = next(t for t in types if isinstance(mod, LAYER_TYPES[t]))
+        found[name] = LayerSpec(name, kind, state_key.get(id(w), f"{name}.weight"), tuple(w.shape), base_choices,
+                                w.element_size())
+    if not found:
+        raise SpaceError("the model has no quantizable layer (Linear, Conv1d, Conv2d, Embedding)")
+
+    names = list(found)
+    selected = _matching(include, names, "include") if include else list(names)
+    if exclude:
+        dropped = set(_matching(exclude, names, "exclude"))
+        selected = [n for n in selected if n not in dropped]
+    if not selected:
+        raise SpaceError("include/exclude leave no layer to quantize")
+
+    per_layer = {n: base_choices for n in selected}
+    for pat, ch in (layer_choices or {}).items():
+        ch = check_bits(ch, f"layer_choices[{pat}]")
+        for n in _matching([pat], selected, "layer_choices"):
+            per_layer[n] = ch
+    lims = dict(limits or {})
+    for pat in lims:
+        _matching([pat], selected, "limits")
+    for n in selected:
+        lo, hi = min_bits, max_bits
+        for pat, lim in lims.items():
+            if re.fullmatch(pat, n):
+                if not isinstance(lim, dict) or set(lim) - {"min", "max"}:
+                    raise SpaceError(f"limits[{pat}]: expected a mapping with 'min' and/or 'max'")
+                lo = lim.get("min", lo)
+                hi = lim.get("max", hi)
+        ch = tuple(b for b in per_layer[n] if (lo is None or b >= lo) and (hi is None or b <= hi))
+        if not ch:
+            raise SpaceError(f"layer {n}: no bit-width left between min {lo} and max {hi}")
+        per_layer[n] = ch
+
+    pinned: dict[str, int] = {}
+    for pat, bits in (pin or {}).items():
+        (b,) = check_bits([bits], f"pin[{pat}]")
+        for n in _matching([pat], selected, "pin"):
+            pinned[n] = b
+
+    groups = _tie_groups(tie or [], selected)
+    for g in groups:
+        pins = {pinned[n] for n in g if n in pinned}
+        if len(pins) > 1:
+            raise SpaceError(f"tied group {list(g)} has layers pinned at different bit-widths {sorted(pins)}")
+        if pins:
+            (b,) = pins
+            pinned.update({n: b for n in g})
+    groups = [g for g in groups if g[0] not in pinned]
+    layers = {n: LayerSpec(**{**found[n].__dict__, "choices": (pinned[n],) if n in pinned else per_layer[n]}) for n in selected}
+    tied = {n for g in groups for n in g}
+    decisions: list[Decision] = []
+    for n in selected:
+        if n in pinned or n in tied:
+            continue
+        decisions.append(Decision(n, (n,), layers[n].choices))
+    for g in groups:
+        common = set(layers[g[0]].choices)
+        for n in g[1:]:
+            common &= set(layers[n].choices)
+        if not common:
+            raise SpaceError(f"tied group {list(g)}: its layers share no bit-width")
+        decisions.append(Decision("+".join(g), tuple(g), tuple(sorted(common))))
+    order = {n: i for i, n in enumerate(names)}
+    decisions.sort(key=lambda d: order[d.layers[0]])
+    return SearchSpace(
+        layers=layers,
+        decisions=decisions,
+        pinned=pinned,
+        quantizer=quantizer,
+        tensors=unique_state_tensors(model),
+        fingerprint=model_fingerprint(model),
+        model_name=model_name,
+    )
+
+
+def space_from_spec(spec: dict, model: nn.Module, model_name: str = "model") -> SearchSpace:
+    """A space from a parsed space file (a mapping of the keys ``search_spaces/default.yaml`` documents)."""
+    unknown = set(spec) - SPACE_KEYS
+    if unknown:
+        raise SpaceError(f"unknown search-space key(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(SPACE_KEYS))}")
+    kw = {k: v for k, v in spec.items() if k != "description"}
+    if "choices" in kw and not isinstance(kw["choices"], (list, tuple)):
+        raise SpaceError("choices: expected a list of bit-widths")
+    if "choices" not in kw:
+        kw["choices"] = DEFAULT_BITS
+    return build_space(model, model_name=model_name, **kw)
+
+
+def _tie_groups(tie: Sequence[str | Sequence[str]], free: list[str]) -> list[tuple[str, ...]]:
+    """Tie entries: a list of patterns (one group) or one regex whose capture groups key the groups."""
+    groups: list[tuple[str, ...]] = []
+    used: set[str] = set()
+    for entry in tie:
+        if isinstance(entry, str):
+            try:
+                rx = re.compile(entry)
+            except re.error as exc:
+                raise SpaceError(f"tie: invalid pattern {entry!r}: {exc}") from None
+            keyed: dict[tuple, list[str]] = {}
+            for n in free:
+                m = rx.fullmatch(n)
+                if m:
+                    keyed.setdefault(m.groups(), []).append(n)
+            if not keyed:
+                raise SpaceError(f"tie: pattern {entry!r} matches no searched layer")
+            new = [tuple(v) for v in keyed.values()]
+        else:
+            new = [tuple(_matching(list(entry), free, "tie"))]
+        for g in new:
+            overlap = used.intersection(g)
+            if overlap:
+                raise SpaceError(f"tie: layer(s) {sorted(overlap)} belong to two tied groups")
+            used.update(g)
+            if len(g) > 1:
+                groups.append(g)
+    return groups

@@ -1,0 +1,235 @@
+"""``optimize()``, the one pipeline: model -> search space -> evaluator -> search -> front, chosen point and plan, in one call.
+
+The CLI, ``compare``, the experiments and the benchmarks all call it, so a search run from
+Python and one run from the shell choose, score and report the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .core.budget import Budget
+from .core.pareto import HV_REFERENCE, ParetoFront
+from .core.records import Evaluation
+from .core.space import Candidate, SearchSpace
+from .errors import MPSearchError
+from .search import SearchResult, Termination, search
+from .strategies import Strategy, get_strategy
+
+
+@dataclass
+class OptimizeResult:
+    """Every evaluation of a search, its front, the point it chose, that point's plan, and the baselines.
+
+    Plain data: the model has its own weights back when ``optimize`` returns.
+    """
+
+    search: SearchResult
+    task_name: str
+    space: SearchSpace
+    reference_validation_metric: float
+    baselines: list[Evaluation]  # uniform bit-widths, on the calibration split
+    chosen: Evaluation | None
+    point: str  # why ``chosen`` was chosen: "best within budget" or "knee of the front"
+    chosen_validation_metric: float | None = None
+    uniform_at_same_size: dict | None = None
+    _plan: Any = None
+    extra: dict = field(default_factory=dict)
+
+    # ---- what a user reads ---------------------------------------------------------------
+    @property
+    def trials(self) -> list[Evaluation]:
+        return self.search.trials
+
+    @property
+    def budget(self) -> Budget | None:
+        return self.search.budget
+
+    @property
+    def front(self) -> ParetoFront:
+        return self.search.front
+
+    @property
+    def hypervolume(self) -> float:
+        return self.search.hypervolume
+
+    @property
+    def metric_name(self) -> str:
+        return self.search.metric_name
+
+    @property
+    def reference_metric(self) -> float:
+        return self.search.reference_metric
+
+    @property
+    def full_precision_bytes(self) -> int:
+        return self.search.full_precision_bytes
+
+    def best(self, budget: Budget | None = None) -> Evaluation | None:
+        """The chosen point (best within the run's budget, or the knee without one); with ``budget``,
+        the best evaluation within that budget instead."""
+        return self.search.best(budget) if budget is not None else self.chosen
+
+    def plan(self):
+        """The ``QuantizationPlan`` of the chosen point (None when nothing was chosen)."""
+        return self._plan
+
+    def summary(self) -> dict:
+        """What ``summary.json`` holds."""
+        r = self.search
+        out = {
+            "model": self.task_name, "strategy": r.strategy, "seed": r.seed, "n_evals": r.n_evals,
+            "n_resumed": r.n_resumed, "stop_reason": r.stop_reason, "wall_s": round(r.wall_s, 3),
+            "eval_s": round(r.eval_s, 3), "strategy_s": round(r.strategy_s, 3), "storage_s": round(r.storage_s, 3),
+            "metric_name": r.metric_name, "reference_metric": r.reference_metric,
+            "reference_validation_metric": self.reference_validation_metric,
+            "full_precision_bytes": r.full_precision_bytes, "hypervolume": r.hypervolume,
+            "hypervolume_ref": {"size_fraction": HV_REFERENCE[0], "normalized_metric": HV_REFERENCE[1]},
+            "front_size": len(r.front), "budget": r.budget.to_dict() if r.budget else None,
+            "search_space": self.space.summary(), "study": r.extra.get("study_name"),
+            "uniform": [{"avg_bits": u.avg_bits, "size_bytes": u.size_bytes, "metric": u.metric} for u in self.baselines],
+        }
+        if self._plan is not None:
+            p = self._plan.predicted
+            out["best"] = {"size_bytes": p["size_bytes"], "avg_bits": p["avg_bits"],
+                           "compression_ratio": p["compression_ratio"], "bops_per_sample": p["bops_per_sample"],
+                           "metric": p["metric"], "validation_metric": p["validation_metric"], "point": self.point}
+        elif r.budget is not None:
+            out["best"] = None
+        if self.uniform_at_same_size is not None:
+            out["uniform_at_same_size"] = self.uniform_at_same_size
+        return out
+
+
+def _as_task(task, calibration, validation, metric, name):
+    from torch import nn
+
+    from .tasks import Task, load_task
+
+    if isinstance(task, str):
+        return load_task(task)
+    if isinstance(task, Task):
+        return task.check()
+    if isinstance(task, nn.Module):
+        if calibration is None:
+            raise MPSearchError("optimize(model, ...) needs calibration=[(inputs, targets), ...] (and validation=...)")
+        return Task(model=task, calibration=calibration, validation=validation or calibration,
+                    metric=metric or "kl", name=name or "model").check()
+    raise MPSearchError(f"optimize() takes a Task, a torch.nn.Module or a task name, got {type(task).__name__}")
+
+
+def _as_space(task, space) -> SearchSpace:
+    from .model.space_files import space_for
+
+    if isinstance(space, SearchSpace):
+        return space
+    return space_for(task, space)
+
+
+def choose(result: SearchResult) -> tuple[Evaluation | None, str]:
+    """The point a run reports: the best within its budget, else the knee of its front."""
+    if result.budget is not None:
+        return result.best(), "best within budget"
+    return result.front.knee(), "knee of the front"
+
+
+def widest_uniform_within(space: SearchSpace, sizes, max_bytes: int) -> Candidate | None:
+    """The widest uniform candidate no larger than ``max_bytes`` (None when none fits)."""
+    best = None
+    for b in space.uniform_bits():
+        c = space.uniform(b)
+        if sizes.size_bytes(c) <= max_bytes:
+            best = c
+    return best
+
+
+def optimize(
+    task,
+    *,
+    space: SearchSpace | str | Path | dict | None = None,
+    strategy: str | Strategy = "greedy",
+    budget: Budget | None = None,
+    max_evals: int | None = 200,
+    wall_s: float | None = None,
+    seed: int = 0,
+    options: dict | None = None,
+    storage=None,
+    study: str | None = None,
+    fresh: bool = False,
+    progress: bool = False,
+    workers: int = 0,
+    evaluator=None,
+    calibration: list | None = None,
+    validation: list | None = None,
+    metric: str | Callable | None = None,
+    name: str | None = None,
+    on_start: Callable[[Any, Any], None] | None = None,
+) -> OptimizeResult:
+    """Search per-layer bit-widths for ``task`` and return every evaluation, the front, the chosen point and its plan.
+
+    ``task``: a ``Task``, a built-in name (``digits``, ``minilm``) or ``module:function`` /
+    ``file.py:function`` spec, or a ``torch.nn.Module`` with ``calibration=`` (and
+    ``validation=``, ``metric=``; default metric: KL to the full-precision outputs).
+    ``space``: the task's own space by default, or a space file / name / parsed mapping, or
+    a ``SearchSpace``. ``budget``: a ``Budget``; without one the whole front is searched and
+    the knee is chosen. ``storage``: an Optuna storage URL to persist and resume trials.
+    ``workers``: evaluate in N worker processes sharing ``storage`` (``task`` must be a spec
+    string then). ``evaluator``: share one evaluator (and its cache) between runs.
+    ``on_start(evaluator, budget)`` is called once everything is built, before the search.
+    The model gets its own weights back before this returns.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise MPSearchError(f"seed must be a non-negative integer, got {seed!r}")
+    strategy = get_strategy(strategy, **(options or {})) if isinstance(strategy, str) else strategy
+    termination = Termination(max_evals=max_evals, wall_s=wall_s)
+    if evaluator is None:
+        from .evaluator import Evaluator
+
+        task_obj = _as_task(task, calibration, validation, metric, name)
+        evaluator = Evaluator(task_obj, _as_space(task_obj, space))
+    task_name = evaluator.task.name
+    if budget is not None:
+        budget.check(evaluator.sizes)
+    executor = None
+    if workers:
+        from .workers import local_pool
+
+        if not isinstance(task, str) or not isinstance(storage, str):
+            raise MPSearchError("workers need the task as a spec string (e.g. 'digits') and a storage URL to share")
+        space_file = None if space is None else str(space)
+        executor = local_pool(task, space_file, storage, workers, strategy.name, seed)
+    if on_start is not None:
+        on_start(evaluator, budget)
+    try:
+        result = search(evaluator, strategy, termination, seed=seed, budget=budget, storage=storage, study_name=study,
+                        fresh=fresh, progress=progress, executor=executor)
+        if executor is not None:
+            executor.close()
+            executor = None
+        return _finish(result, evaluator, task_name)
+    finally:
+        if executor is not None:
+            executor.close()
+        evaluator.restore()
+
+
+def _finish(result: SearchResult, evaluator, task_name: str) -> OptimizeResult:
+    from .plan import QuantizationPlan
+
+    space, sizes = evaluator.space, evaluator.sizes
+    baselines = [evaluator.evaluate(space.uniform(b)) for b in space.uniform_bits()]
+    chosen, point = choose(result)
+    out = OptimizeResult(result, task_name, space, evaluator.reference_validation_metric, baselines, chosen, point)
+    if chosen is None:
+        return out
+    out.chosen_validation_metric = evaluator.validation_metric(chosen.candidate)
+    out._plan = QuantizationPlan.from_candidate(
+        evaluator, chosen.candidate, metric=chosen.metric, validation_metric=out.chosen_validation_metric,
+        provenance={"strategy": result.strategy, "seed": result.seed, "n_evals": result.n_evals, "point": point})
+    uc = widest_uniform_within(space, sizes, chosen.size_bytes)
+    if uc is not None:
+        u = evaluator.evaluate(uc)
+        out.uniform_at_same_size = {"bits": uc[0], "size_bytes": u.size_bytes, "metric": u.metric,
+                                    "validation_metric": evaluator.validation_metric(uc)}
+    return out
