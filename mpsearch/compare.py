@@ -96,7 +96,7 @@ def write_comparison(results: Sequence[OptimizeResult], evaluator, out: Path, ti
             fronts[r.strategy] = report.front_trials(r)
     report.plot_hypervolume(out / "hypervolume.png", curves, title=title)
     uniform = results[0].baselines if results else []
-    budget = results[0].budget if results else None
+    budget = results[0].search.budget if results else None
     report.plot_front(out / "fronts.png", fronts, fp, evaluator.metric_name, evaluator.reference_metric, uniform=uniform,
                       budget_bytes=budget.max_bytes if budget else None,
                       title=(title + ": " if title else "") + "fronts (first seed of each strategy)")

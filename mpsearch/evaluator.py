@@ -207,6 +207,10 @@ class Evaluator:
     def metric_name(self) -> str:
         return self.metric.name
 
+    @property
+    def task_name(self) -> str:
+        return self.task.name
+
     def __enter__(self) -> "Evaluator":
         return self
 

@@ -43,28 +43,8 @@ class OptimizeResult:
         return self.search.trials
 
     @property
-    def budget(self) -> Budget | None:
-        return self.search.budget
-
-    @property
     def front(self) -> ParetoFront:
         return self.search.front
-
-    @property
-    def hypervolume(self) -> float:
-        return self.search.hypervolume
-
-    @property
-    def metric_name(self) -> str:
-        return self.search.metric_name
-
-    @property
-    def reference_metric(self) -> float:
-        return self.search.reference_metric
-
-    @property
-    def full_precision_bytes(self) -> int:
-        return self.search.full_precision_bytes
 
     def best(self, budget: Budget | None = None) -> Evaluation | None:
         """The chosen point (best within the run's budget, or the knee without one); with ``budget``,
@@ -147,18 +127,18 @@ def widest_uniform_within(space: SearchSpace, sizes, max_bytes: int) -> Candidat
 def optimize(
     task,
     *,
-    space: SearchSpace | str | Path | dict | None = None,
     strategy: str | Strategy = "greedy",
     budget: Budget | None = None,
     max_evals: int | None = 200,
-    wall_s: float | None = None,
     seed: int = 0,
+    space: SearchSpace | str | Path | dict | None = None,
     options: dict | None = None,
+    wall_s: float | None = None,
     storage=None,
     study: str | None = None,
     fresh: bool = False,
-    progress: bool = False,
     workers: int = 0,
+    progress: bool = False,
     evaluator=None,
     calibration: list | None = None,
     validation: list | None = None,
@@ -188,7 +168,7 @@ def optimize(
 
         task_obj = _as_task(task, calibration, validation, metric, name)
         evaluator = Evaluator(task_obj, _as_space(task_obj, space))
-    task_name = evaluator.task.name
+    task_name = evaluator.task_name
     if budget is not None:
         budget.check(evaluator.sizes)
     executor = None

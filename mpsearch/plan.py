@@ -20,6 +20,7 @@ from .core.qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig
 from .core.sizes import layer_bytes
 from .core.space import LayerSpec, SearchSpace
 from .errors import PlanError
+from .files import read_text, write_atomic
 from .model.walk import build_space, model_fingerprint
 from .quantize import fake_quantize
 
@@ -69,9 +70,9 @@ class QuantizationPlan:
             "size_bytes": size.size_bytes,
             "avg_bits": round(size.avg_bits, 6),
             "compression_ratio": round(size.compression_ratio, 6),
-            "full_precision_bytes": evaluator.full_precision_bytes,
+            "full_precision_bytes": sizes.full_precision_bytes,
             "bops_per_sample": sizes.bops(candidate),
-            "metric_name": evaluator.metric.name,
+            "metric_name": evaluator.metric_name,
             "metric": metric,
             "reference_metric": evaluator.reference_metric,
         }
@@ -99,12 +100,8 @@ class QuantizationPlan:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def save(self, path: str | Path) -> Path:
-        p = Path(path)
         self.check()
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(p)
-        return p
+        return write_atomic(path, self.to_json())
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "QuantizationPlan":
@@ -123,13 +120,10 @@ class QuantizationPlan:
     @classmethod
     def load(cls, path: str | Path) -> "QuantizationPlan":
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise PlanError(f"cannot read plan {p}: {exc.strerror or exc}") from None
+        text = read_text(p, "plan", PlanError)
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except json.JSONDecodeError as exc:
             raise PlanError(f"corrupt plan {p}: not valid JSON ({exc})") from None
         return cls.from_dict(d, str(p))
 

@@ -180,7 +180,10 @@ def test_torchao_export_files(digits_plan, digits_evaluator, fresh_digits, tmp_p
     from torchao.core.config import config_from_dict
 
     task = _task_copy(fresh_digits)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
     res = export(digits_plan, "torchao", tmp_path / "digits.json", task)
+    after = task.model.state_dict()
+    assert all(type(after[k]) is torch.Tensor and torch.equal(before[k], after[k]) for k in before)  # untouched
     assert [p.name for p in res.paths] == ["digits.json", "digits.pt"]
     assert res.size_bytes == sum(p.stat().st_size for p in res.paths) > 0
     doc = json.loads((tmp_path / "digits.json").read_text())

@@ -1,25 +1,20 @@
 """Search-space files: finding them (shipped with the package, or the user's) and reading them."""
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 from ..core.space import SearchSpace
 from ..errors import SpaceError
+from ..files import read_text
 
-# The repository's search_spaces/ ships inside the wheel as the package mpsearch.search_spaces
-# (pyproject maps the folder there); a source checkout without an install reads the folder itself.
+# The repository's search_spaces/ ships inside the wheel as mpsearch/search_spaces (pyproject maps the
+# folder there); a source checkout, installed editable or not, reads the folder at its top.
+_INSTALLED_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 _CHECKOUT_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 def shipped_dir() -> Path:
-    try:
-        d = Path(str(resources.files("mpsearch.search_spaces")))
-        if d.is_dir():
-            return d
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return _CHECKOUT_DIR
+    return _INSTALLED_DIR if _INSTALLED_DIR.is_dir() else _CHECKOUT_DIR
 
 
 def resolve_space_file(name: str | Path) -> Path:
@@ -39,10 +34,7 @@ def load_space_file(path: str | Path) -> dict:
     import yaml
 
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SpaceError(f"cannot read search space {p}: {exc.strerror or exc}") from None
+    text = read_text(p, "search space", SpaceError)
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -111,7 +111,6 @@ class Option:
 
 class Strategy(ABC):
     name: ClassVar[str] = ""
-    batch_hint: ClassVar[bool] = False  # True when ask() naturally returns several candidates
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
 
     def __init__(self, **options):

@@ -13,7 +13,6 @@ class Uniform(Strategy):
     """Every layer at the same bit-width, once per width that all decisions allow (feasible ones only)."""
 
     name = "uniform"
-    batch_hint = True
 
     def start(self):
         widths = sorted(self.space.uniform_bits(), reverse=True)
@@ -29,7 +28,6 @@ class Random(Strategy):
     """Independent draws, uniform over the feasible candidates (rejection sampling on the size tables)."""
 
     name = "random"
-    batch_hint = True
 
     OPTIONS = (Option("batch_size", int, 8, "candidates per ask", low=1),
                Option("max_tries", int, 10_000, "draws per ask before giving up on finding a feasible one", low=1))
@@ -50,7 +48,6 @@ class Exhaustive(Strategy):
     """Every candidate (every feasible one under a budget), in lexicographic order of bits."""
 
     name = "exhaustive"
-    batch_hint = True
 
     OPTIONS = (Option("limit", int, 100_000, "refuse spaces with more candidates than this", low=1),
                Option("batch_size", int, 256, "candidates per ask", low=1))

@@ -72,7 +72,6 @@ class Bayes(Strategy):
     """Optuna samplers over ordered bit-width indices, with exact budget constraints."""
 
     name = "bayes"
-    batch_hint = False
 
     OPTIONS = (
         Option("sampler", str, "tpe", "optuna sampler", choices=SAMPLERS),

@@ -78,12 +78,12 @@ class ILP(SensitivityStrategy):
     name = "ilp"
 
     OPTIONS = (
+        Option("solver", str, "auto", "auto: knapsack table where it applies, milp otherwise; milp: always milp",
+               choices=("auto", "milp")),
         Option("batch_size", int, 8, "candidates per ask after phase 1", low=1),
         Option("time_limit", float, 2.0, "seconds per milp solve", low=0.0),
         Option("sweep_share", float, 0.5, "front mode: share of the remaining evaluations for the byte-level sweep",
                low=0.0, high=1.0),
-        Option("solver", str, "auto", "auto: knapsack table where it applies, milp otherwise; milp: always milp",
-               choices=("auto", "milp")),
     )
 
     def __init__(self, **options):

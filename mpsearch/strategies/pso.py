@@ -82,7 +82,6 @@ class PSO(Strategy):
     """Particle swarm over per-decision positions in [0, n_choices), projected onto the size cap."""
 
     name = "pso"
-    batch_hint = True
 
     OPTIONS = (
         Option("n_particles", int, 16, "swarm size", low=1),

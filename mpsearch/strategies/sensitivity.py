@@ -132,14 +132,14 @@ class Sensitivity:
 class SensitivityStrategy(Strategy):
     """Phase 1 (sensitivity measurements) then whatever ``phase2_ask`` proposes."""
 
-    batch_hint = True
 
     def start(self) -> None:
         ctx = self.ctx
         full = 1 + sum(d.n_choices - 1 for d in ctx.space.decisions)
         cap = None
         if ctx.max_evals is not None and full > ctx.max_evals * PHASE1_SHARE:
-            cap = max(min(ctx.space.n_decisions + 1, ctx.max_evals), int(ctx.max_evals * PHASE1_SHARE))
+            # at least one evaluation is left for phase 2, so a budgeted run always evaluates a feasible candidate
+            cap = max(min(ctx.space.n_decisions + 1, ctx.max_evals - 1), int(ctx.max_evals * PHASE1_SHARE))
         self.sens = Sensitivity(ctx.space, ctx.sizes, cap)
         self.results: dict[Candidate, Evaluation] = {}
         self.n_told = 0
