@@ -26,7 +26,7 @@ def main(seeds: int, evals: list[int]) -> None:
         exact = run(ev, "exhaustive", 0, space.cardinality).search
         hv_exact = exact.hypervolume
         OUT.mkdir(parents=True, exist_ok=True)
-        trials_frame(exact, space, front_trials(exact)).to_csv(OUT / "exact_front.csv", index=False)
+        trials_frame(front_trials(exact), space, exact.full_precision_bytes).to_csv(OUT / "exact_front.csv", index=False)
         optimum = {b: exact.best(Budget(max_avg_bits=b)) for b in BUDGETS}
         write_json({"hypervolume": hv_exact, "n_candidates": space.cardinality, "front_size": len(exact.front),
                     "reference_metric": ev.reference_metric, "full_precision_bytes": ev.full_precision_bytes,

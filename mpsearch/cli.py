@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MPSearchError
+from .errors import MPSearchError, MPSearchWarning
 
 EXAMPLES = {
     "search": "example: mpsearch search --model digits --strategy pso --max-evals 200 --avg-bits 4 --seed 0 --out runs/demo",
@@ -49,8 +52,18 @@ def _positive_float(s: str) -> float:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
+    return v
+
+
+def _share(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
     return v
 
 
@@ -85,6 +98,8 @@ def build_parser() -> Parser:
         sp.add_argument("--fresh", action="store_true", help="discard stored trials and start over")
         sp.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option, repeatable")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--max-failures", type=_share, default=0.5,
+                        help="stop once more than this share of evaluations failed (default 0.5)")
 
     s = sub.add_parser("search", help="search one strategy, write the front and the best plan", epilog=EXAMPLES["search"])
     common_search(s)
@@ -179,27 +194,63 @@ def cmd_search(args) -> int:
     url = _storage_url(args, out)
     study = args.study or _study_name(args.model, args.strategy, args.seed, budget)
 
+    from .report import fmt_metric
+
     def header(evaluator, budget):
         _say(f"mpsearch: {evaluator.task.name}: {evaluator.space.summary()}; full precision "
-             f"{evaluator.full_precision_bytes / 1e6:.4g} MB, {evaluator.metric_name} {evaluator.reference_metric:.4f}")
+             f"{evaluator.full_precision_bytes / 1e6:.4g} MB, {evaluator.metric_name} {fmt_metric(evaluator.reference_metric)}")
         _say(f"mpsearch: {args.strategy}, seed {args.seed}, {args.max_evals} evaluations"
              + (f", budget {budget.describe()}" if budget else ", no budget (whole front)") + f"; trials in {url} [{study}]")
 
-    res = optimize(args.model, space=args.search_space, strategy=strategy, budget=budget, max_evals=args.max_evals,
-                   wall_s=args.wall_time, seed=args.seed, storage=url, study=study, fresh=args.fresh,
-                   progress=not args.no_progress, workers=args.workers, on_start=header)
-    r = res.search
-    if r.n_resumed:
-        _say(f"mpsearch: resumed {r.n_resumed} stored evaluations, computed {r.n_evals - r.n_resumed} new")
-    if budget is not None and res.chosen is None:
-        _say(f"mpsearch: no evaluated candidate met the budget {budget.describe()}; trials are in {out / 'trials.csv'}")
-    summary = write_run(res, out, summary_extra={"max_evals": args.max_evals,
-                                                 "storage": url if not args.storage else "(user storage)"})
+    with run_lock(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore", MPSearchWarning)  # printed below, once, with the results
+        res = optimize(args.model, space=args.search_space, strategy=strategy, budget=budget, max_evals=args.max_evals,
+                       wall_s=args.wall_time, max_failures=args.max_failures, seed=args.seed, storage=url, study=study,
+                       fresh=args.fresh, progress=not args.no_progress, workers=args.workers, on_start=header)
+        r = res.search
+        if r.n_resumed:
+            _say(f"mpsearch: resumed {r.n_resumed} stored evaluations, computed {r.n_evals - r.n_resumed} new")
+        if budget is not None and res.chosen is None:
+            _say(f"mpsearch: no evaluated candidate met the budget {budget.describe()}; trials are in {out / 'trials.csv'}")
+        summary = write_run(res, out, summary_extra={"max_evals": args.max_evals,
+                                                     "storage": url if not args.storage else "(user storage)"})
     _final_report(summary, out, res.plan())
+    for w in res.warnings:
+        print(f"mpsearch: warning: {w}", file=sys.stderr)
+    if r.stop_reason == "too many failed evaluations":
+        print(f"mpsearch: error: the search stopped: {r.n_failed} of {r.n_evals} evaluations failed (more than "
+              f"{args.max_failures:.0%}); the first: {r.first_error}", file=sys.stderr)
+        return 1
     return 130 if r.stop_reason == "interrupted" else 0
 
 
+@contextmanager
+def run_lock(out: Path):
+    """One search at a time per run directory: a second one is refused instead of sharing the study."""
+    import fcntl
+
+    lock = open(out / ".mpsearch.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise MPSearchError(f"another mpsearch search ({holder}) is writing to {out}; wait for it or use another --out")
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
 def _final_report(s: dict, out: Path, plan) -> None:
+    from .report import fmt_metric
+
     fp = s["full_precision_bytes"]
     _say("")
     _say(f"{s['model']}: {s['n_evals']} evaluations by {s['strategy']} in {s['wall_s']:.1f} s ({s['stop_reason']}); "
@@ -214,7 +265,7 @@ def _final_report(s: dict, out: Path, plan) -> None:
             rows.append((f"uniform {u['bits']}-bit", u["size_bytes"], float(u["bits"]), u["metric"], u["validation_metric"]))
         _say(f"  {'':<28}{'size MB':>10}{'avg bits':>10}{'ratio':>8}{name + ' cal':>16}{name + ' val':>16}")
         for label, size, bits, m, v in rows:
-            _say(f"  {label:<28}{size / 1e6:>10.4f}{bits:>10.3f}{fp / size:>8.2f}{m:>16.4f}{v:>16.4f}")
+            _say(f"  {label:<28}{size / 1e6:>10.4f}{bits:>10.3f}{fp / size:>8.2f}{fmt_metric(m):>16}{fmt_metric(v):>16}")
     _say(f"plan:  {out / 'plan.json'}" if plan is not None else "plan:  (none)")
     _say(f"front: {out / 'front.csv'}, {out / 'front.png'}")
     _say(f"files: {', '.join(s['files'])} in {out}")
@@ -241,7 +292,7 @@ def cmd_compare(args) -> int:
     _say(f"mpsearch: compare {', '.join(names)} x {args.seeds} seeds x {args.max_evals} evaluations on {task.name}"
          + (f", budget {budget.describe()}" if budget else ""))
     results = run_comparison(evaluator, names, list(range(args.seeds)), max_evals=args.max_evals,
-                             wall_s=args.wall_time, budget=budget, storage=url,
+                             wall_s=args.wall_time, max_failures=args.max_failures, budget=budget, storage=url,
                              study_prefix=_study_name(args.model, "compare", 0, budget).replace("-seed0", ""),
                              options={n: options for n in names} if options else None,
                              progress=not args.no_progress, fresh=args.fresh)
@@ -274,8 +325,7 @@ def cmd_export(args) -> int:
     task = None
     if REGISTRY[args.format].needs_model:
         plan, task = _load_plan_and_task(args.plan, args.model)
-    _writable_dir(str(Path(args.out).parent or "."))
-    res = export(plan, args.format, args.out, task)
+    res = export(plan, args.format, args.out, task, plan_path=args.plan)
     _say(f"wrote {', '.join(str(p) for p in res.paths)} ({res.size_bytes:,} bytes on disk; "
          f"plan predicts {plan.predicted['size_bytes']:,} bytes)")
     for n in res.notes:
@@ -285,6 +335,7 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     from .plan import verify
+    from .report import fmt_metric
 
     plan, task = _load_plan_and_task(args.plan, args.model)
     r = verify(plan, task)
@@ -294,20 +345,22 @@ def cmd_verify(args) -> int:
     _say(f"{r['model']}: plan applied and measured on the validation split")
     _say(f"  {'':<12}{'measured':>14}{'predicted':>14}")
     _say(f"  {'size bytes':<12}{r['size_bytes']:>14,}{r['predicted_size_bytes']:>14,}")
-    _say(f"  {r['metric_name']:<12}{r['metric']:>14.4f}{r['predicted_metric']:>14.4f}")
-    _say(f"  full precision {r['metric_name']} {r['reference_metric']:.4f}; average bits {r['avg_bits']:.3f}")
+    _say(f"  {r['metric_name']:<12}{fmt_metric(r['metric']):>14}{fmt_metric(r['predicted_metric']):>14}")
+    _say(f"  full precision {r['metric_name']} {fmt_metric(r['reference_metric'])}; average bits {r['avg_bits']:.3f}")
     return 0
 
 
 def cmd_show(args) -> int:
     from .plan import QuantizationPlan, layer_table
+    from .report import fmt_metric
 
     plan = QuantizationPlan.load(args.plan)
     p = plan.predicted
     _say(f"plan for {plan.model.get('name')} ({plan.model.get('fingerprint', '')[:19]}…), quantizer "
          f"{plan.quantizer.get('scheme')} {plan.quantizer.get('granularity')}")
-    _say(f"predicted: {p['size_bytes']:,} bytes, {p.get('avg_bits', float('nan')):.3f} avg bits, "
-         f"{p['metric_name']} {p['metric']:.4f}" + (f" (validation {p['validation_metric']:.4f})" if "validation_metric" in p else ""))
+    _say(f"predicted: {p['size_bytes']:,} bytes, {fmt_metric(p.get('avg_bits'), 3)} avg bits, "
+         f"{p['metric_name']} {fmt_metric(p['metric'])}"
+         + (f" (validation {fmt_metric(p['validation_metric'])})" if "validation_metric" in p else ""))
     rows = layer_table(plan)
     w = max([len(r["layer"]) for r in rows] + [5])
     _say(f"{'layer':<{w}}  {'kind':<9}{'params':>12}{'bits':>6}{'bytes':>12}{'share':>8}")
@@ -328,9 +381,18 @@ COMMANDS = {"search": cmd_search, "compare": cmd_compare, "export": cmd_export, 
             "show": cmd_show, "worker": cmd_worker}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """mpsearch's own warnings as one line; everyone else's as Python prints them."""
+    if issubclass(category, MPSearchWarning):
+        print(f"mpsearch: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    warnings.showwarning = _show_warning
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

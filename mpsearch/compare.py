@@ -7,18 +7,21 @@ asked, wherever that was first computed, plus its own time in ask/tell.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
 from .core.budget import Budget
+from .errors import BaselineWarning
+from .files import write_atomic
 from .pipeline import OptimizeResult, optimize
 from .strategies import get_strategy
 
 
 def run_comparison(evaluator, strategies: Sequence[str], seeds: Sequence[int], *, max_evals: int | None,
-                   wall_s: float | None = None, budget: Budget | None = None, storage=None,
+                   wall_s: float | None = None, max_failures: float = 0.5, budget: Budget | None = None, storage=None,
                    study_prefix: str = "compare", options: dict | None = None, progress: bool = False,
                    fresh: bool = False) -> list[OptimizeResult]:
     for name in strategies:  # fail before running anything on an unknown name or a bad option
@@ -32,9 +35,12 @@ def run_comparison(evaluator, strategies: Sequence[str], seeds: Sequence[int], *
     results = []
     try:
         for name, seed in runs:
-            r = optimize(evaluator.task, evaluator=evaluator, strategy=name, options=(options or {}).get(name),
-                         budget=budget, max_evals=max_evals, wall_s=wall_s, seed=seed, storage=storage,
-                         study=f"{study_prefix}-{name}-seed{seed}", fresh=fresh, progress=progress)
+            with warnings.catch_warnings():
+                # a comparison reports each strategy's own best, not the run's chosen plan
+                warnings.simplefilter("ignore", BaselineWarning)
+                r = optimize(evaluator.task, evaluator=evaluator, strategy=name, options=(options or {}).get(name),
+                             budget=budget, max_evals=max_evals, wall_s=wall_s, max_failures=max_failures, seed=seed,
+                             storage=storage, study=f"{study_prefix}-{name}-seed{seed}", fresh=fresh, progress=progress)
             results.append(r)
             if bar is not None:
                 bar.update(1)
@@ -46,7 +52,7 @@ def run_comparison(evaluator, strategies: Sequence[str], seeds: Sequence[int], *
     return results
 
 
-def runs_frame(results: Sequence[OptimizeResult]) -> pd.DataFrame:
+def runs_frame(results: Sequence[OptimizeResult], evaluator) -> pd.DataFrame:
     """One row per (strategy, seed): hypervolume, best quality under budget, evaluations to 99% HV, cost."""
     from .report import evals_to_reach, hv_curve
 
@@ -61,12 +67,13 @@ def runs_frame(results: Sequence[OptimizeResult]) -> pd.DataFrame:
             "best_metric": best.metric if best else math.nan,
             "best_avg_bits": best.avg_bits if best else math.nan,
             "best_size_bytes": best.size_bytes if best else math.nan,
-            "best_validation_metric": res.chosen_validation_metric if best else math.nan,
+            "best_validation_metric": evaluator.validation_metric(best.candidate) if best else math.nan,
             "evals_to_99pct_hv": evals_to_reach(curve, 0.99 * best_hv),
             "wall_s": r.wall_s,
             "cost_s": sum(t.wall_s for t in r.trials) + r.strategy_s,
             "strategy_s": r.strategy_s,
         })
+    evaluator.restore()
     return pd.DataFrame(rows)
 
 
@@ -74,8 +81,8 @@ def write_comparison(results: Sequence[OptimizeResult], evaluator, out: Path, ti
     from . import report
 
     out = Path(out)
-    runs = runs_frame(results)
-    runs.to_csv(out / "comparison.csv", index=False)
+    runs = runs_frame(results, evaluator)
+    report.write_csv(runs, out / "comparison.csv")
     table = report.aggregate(runs)
     fp = evaluator.full_precision_bytes
     head = (f"# Strategy comparison{': ' + title if title else ''}\n\n"
@@ -85,8 +92,8 @@ def write_comparison(results: Sequence[OptimizeResult], evaluator, out: Path, ti
             "best_validation_metric: the same candidate on the validation split. evals_to_99pct_hv: evaluations until the "
             "run's hypervolume reached 99% of the best final hypervolume in this comparison (reached_99pct_hv counts "
             "the runs that did). cost_s: evaluation time of every candidate the strategy asked plus its own time.\n\n")
-    (out / "comparison.md").write_text(head + report.markdown_table(table))
-    (out / "comparison.tex").write_text(report.latex_table(table, caption=title or "Strategy comparison"))
+    write_atomic(out / "comparison.md", head + report.markdown_table(table))
+    write_atomic(out / "comparison.tex", report.latex_table(table, caption=title or "Strategy comparison"))
     curves: dict[str, list] = {}
     fronts: dict[str, list] = {}
     for res in results:

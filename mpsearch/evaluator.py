@@ -7,6 +7,7 @@ shared evaluator makes every strategy pay the same price per evaluation.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from typing import Any, Sequence
@@ -17,7 +18,7 @@ from .core.qconfig import UNQUANTIZED_BITS
 from .core.records import Evaluation
 from .core.sizes import SizeTable
 from .core.space import Candidate, SearchSpace
-from .errors import MPSearchError
+from .errors import MPSearchError, TaskError
 from .metrics import Metric, get_metric
 from .model.walk import model_fingerprint
 from .quantize import fake_quantize, mse, sqnr_db
@@ -36,6 +37,19 @@ def _concat(parts: list) -> Any:
     return torch.cat(parts, dim=0) if parts and isinstance(parts[0], torch.Tensor) else parts
 
 
+def _usable(value: float) -> bool:
+    """A metric value candidates can be ranked by: a number, +inf included (sqnr of an exact model)."""
+    return not (math.isnan(value) or value == -math.inf)
+
+
+def _check_finite_weights(task: Task) -> None:
+    for name, t in task.model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise TaskError(f"task {task.name!r}: tensor {name} holds {bad} NaN or infinite value(s); "
+                            "mpsearch quantizes finite weights only")
+
+
 class Evaluator:
     """Swaps quantized weights into the task's model while it scores candidates.
 
@@ -45,6 +59,7 @@ class Evaluator:
 
     def __init__(self, task: Task, space: SearchSpace, activation_bits: int = 32):
         task.check()
+        _check_finite_weights(task)
         if space.fingerprint and model_fingerprint(task.model) != space.fingerprint:
             raise MPSearchError(f"the search space was built for another model than task {task.name!r}'s "
                                 f"(fingerprint {space.fingerprint[:19]}...); build the space from this task's model")
@@ -67,10 +82,18 @@ class Evaluator:
             "validation": self._targets_of(self.validation),
         }
         self.reference_outputs = {"calibration": self._forward(self.calibration), "validation": self._forward(self.validation)}
+        for split, out in self.reference_outputs.items():
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise TaskError(f"task {task.name!r}: the full-precision model's {split} outputs are not finite "
+                                "(NaN or infinity): there is nothing to compare candidates with")
         if not self.metric.uses_targets:
             self._targets = dict(self.reference_outputs)
         self.reference_metric = self._score("calibration", self.reference_outputs["calibration"])
         self.reference_validation_metric = self._score("validation", self.reference_outputs["validation"])
+        for name, v in (("calibration", self.reference_metric), ("validation", self.reference_validation_metric)):
+            if not _usable(v):
+                raise TaskError(f"task {task.name!r}: the metric of the full-precision model on the {name} split "
+                                f"is {v}, not a number to rank by")
 
     # ---- forward passes -----------------------------------------------------------------
     @staticmethod
@@ -174,17 +197,23 @@ class Evaluator:
         if hit is not None:
             return replace(hit, cached=True)
         t0 = time.perf_counter()
-        self.apply(cand)
-        batches = self.calibration if split == "calibration" else self.validation
-        value = self._score(split, self._forward(batches))
+        error = None
+        try:
+            self.apply(cand)
+            batches = self.calibration if split == "calibration" else self.validation
+            value = self._score(split, self._forward(batches))
+            if not _usable(value):
+                error = f"the metric is {value}, not a number to rank by"
+        except Exception as exc:  # the user's model or metric failed on this candidate: a failed trial, not a crash
+            value, error = math.nan, f"{type(exc).__name__}: {exc}".strip()[:2000]
         wall = time.perf_counter() - t0
         size = self.sizes.size(cand)
-        ev = Evaluation(cand, size.size_bytes, size.avg_bits, value, wall)
+        ev = Evaluation(cand, size.size_bytes, size.avg_bits, value if error is None else math.nan, wall, error=error)
         self._memo[key] = ev
         return ev
 
     def validation_metric(self, candidate: Sequence[int]) -> float:
-        """Quality on the validation split: what a chosen plan is reported with."""
+        """Quality on the validation split: what a chosen plan is reported with (NaN when it failed)."""
         return self.evaluate(candidate, split="validation").metric
 
     def score_model(self, split: str = "validation") -> float:

@@ -2,6 +2,8 @@
 written to a temporary name and renamed, so a crash never leaves half a file."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -32,3 +34,19 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def finite_json(obj):
+    """``obj`` with every non-finite float replaced by None: strict JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj) -> str:
+    """Strict JSON (non-finite numbers written as null), indented, with a final newline."""
+    return json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n"

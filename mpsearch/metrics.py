@@ -60,11 +60,12 @@ def sqnr(outputs: torch.Tensor, reference: torch.Tensor) -> float:
 
 BUILTIN = {
     "accuracy": Metric("accuracy", accuracy, True),
-    "kl": Metric("kl", neg_kl, False),
+    "neg_kl": Metric("neg_kl", neg_kl, False),
     "cosine": Metric("cosine", cosine, False),
-    "mse": Metric("mse", neg_mse, False),
+    "neg_mse": Metric("neg_mse", neg_mse, False),
     "sqnr": Metric("sqnr", sqnr, False),
 }
+ALIASES = {"kl": "neg_kl", "mse": "neg_mse"}  # the values are -KL and -MSE: higher is better
 
 
 def get_metric(metric: str | Callable | Metric, has_targets: bool) -> Metric:
@@ -72,6 +73,7 @@ def get_metric(metric: str | Callable | Metric, has_targets: bool) -> Metric:
         return metric
     if callable(metric):
         return Metric(getattr(metric, "__name__", "custom"), metric, has_targets)
+    metric = ALIASES.get(metric, metric) if isinstance(metric, str) else metric
     if metric not in BUILTIN:
         raise TaskError(f"unknown metric {metric!r}; choose one of {', '.join(BUILTIN)} or pass a callable")
     m = BUILTIN[metric]

@@ -88,8 +88,11 @@ class TrialLost(Exception):
 
 
 def complete(storage, trial_id: int, params: dict[str, int], distributions: dict, user_attrs: dict,
-              values: Sequence[float]) -> None:
-    """Params, user attributes, values and COMPLETE in one transaction, only if the trial is still RUNNING."""
+             values: Sequence[float] | None) -> None:
+    """Params, user attributes, values and COMPLETE in one transaction, only if the trial is still RUNNING.
+
+    ``values=None`` records an evaluation that failed: the same, with the FAIL state and no values."""
+    state = TrialState.COMPLETE if values is not None else TrialState.FAIL
     backend = rdb_backend(storage)
     if backend is None:
         try:
@@ -98,7 +101,7 @@ def complete(storage, trial_id: int, params: dict[str, int], distributions: dict
                 storage.set_trial_param(trial_id, name, dist.to_internal_repr(bits), dist)
             for k, v in user_attrs.items():
                 storage.set_trial_user_attr(trial_id, k, v)
-            if not storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values=list(values)):
+            if not storage.set_trial_state_values(trial_id, state, values=None if values is None else list(values)):
                 raise TrialLost(trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TrialLost(trial_id) from None
@@ -122,9 +125,9 @@ def complete(storage, trial_id: int, params: dict[str, int], distributions: dict
         for k, v in user_attrs.items():
             backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, k, v)
         trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        for i, v in enumerate(values):
+        for i, v in enumerate(values or ()):
             backend._set_trial_value_without_commit(session, trial, i, float(v))
         session.execute(sqlalchemy.update(table).where(table.c.trial_id == trial_id)
-                        .values(state=TrialState.COMPLETE, datetime_complete=_utcnow()))
+                        .values(state=state, datetime_complete=_utcnow()))
 
 

@@ -5,7 +5,8 @@ Python and one run from the shell choose, score and report the same way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,7 +14,7 @@ from .core.budget import Budget
 from .core.pareto import HV_REFERENCE, ParetoFront
 from .core.records import Evaluation
 from .core.space import Candidate, SearchSpace
-from .errors import MPSearchError
+from .errors import BaselineWarning, MPSearchError, MPSearchWarning
 from .search import SearchResult, Termination, search
 from .strategies import Strategy, get_strategy
 
@@ -29,13 +30,13 @@ class OptimizeResult:
     task_name: str
     space: SearchSpace
     reference_validation_metric: float
-    baselines: list[Evaluation]  # uniform bit-widths, on the calibration split
-    chosen: Evaluation | None
-    point: str  # why ``chosen`` was chosen: "best within budget" or "knee of the front"
+    baselines: list[Evaluation]  # uniform bit-widths, on the calibration split (evaluated by the run, not the strategy)
+    chosen: Evaluation | None = None
+    point: str = ""  # why ``chosen`` was chosen: "best within budget" or "knee of the front"
     chosen_validation_metric: float | None = None
     uniform_at_same_size: dict | None = None
+    warnings: list[str] = field(default_factory=list)
     _plan: Any = None
-    extra: dict = field(default_factory=dict)
 
     # ---- what a user reads ---------------------------------------------------------------
     @property
@@ -43,13 +44,21 @@ class OptimizeResult:
         return self.search.trials
 
     @property
+    def evaluated(self) -> list[Evaluation]:
+        """Everything the run evaluated: the strategy's trials, then the uniform baselines it did not ask."""
+        asked = {t.candidate for t in self.search.trials}
+        return self.search.trials + [b for b in self.baselines if b.candidate not in asked]
+
+    @property
     def front(self) -> ParetoFront:
-        return self.search.front
+        """The front of everything the run evaluated (the strategy's own is ``search.front``)."""
+        r = self.search
+        return ParetoFront(self.evaluated, r.full_precision_bytes, r.reference_metric, r.metric_name)
 
     def best(self, budget: Budget | None = None) -> Evaluation | None:
         """The chosen point (best within the run's budget, or the knee without one); with ``budget``,
         the best evaluation within that budget instead."""
-        return self.search.best(budget) if budget is not None else self.chosen
+        return best_within(self.evaluated, budget) if budget is not None else self.chosen
 
     def plan(self):
         """The ``QuantizationPlan`` of the chosen point (None when nothing was chosen)."""
@@ -64,9 +73,10 @@ class OptimizeResult:
             "eval_s": round(r.eval_s, 3), "strategy_s": round(r.strategy_s, 3), "storage_s": round(r.storage_s, 3),
             "metric_name": r.metric_name, "reference_metric": r.reference_metric,
             "reference_validation_metric": self.reference_validation_metric,
-            "full_precision_bytes": r.full_precision_bytes, "hypervolume": r.hypervolume,
+            "full_precision_bytes": r.full_precision_bytes, "n_failed": r.n_failed, "first_error": r.first_error,
+            "hypervolume": self.front.hypervolume(), "strategy_hypervolume": r.hypervolume,
             "hypervolume_ref": {"size_fraction": HV_REFERENCE[0], "normalized_metric": HV_REFERENCE[1]},
-            "front_size": len(r.front), "budget": r.budget.to_dict() if r.budget else None,
+            "front_size": len(self.front), "budget": r.budget.to_dict() if r.budget else None,
             "search_space": self.space.summary(), "study": r.extra.get("study_name"),
             "uniform": [{"avg_bits": u.avg_bits, "size_bytes": u.size_bytes, "metric": u.metric} for u in self.baselines],
         }
@@ -79,6 +89,7 @@ class OptimizeResult:
             out["best"] = None
         if self.uniform_at_same_size is not None:
             out["uniform_at_same_size"] = self.uniform_at_same_size
+        out["warnings"] = list(self.warnings)
         return out
 
 
@@ -107,11 +118,10 @@ def _as_space(task, space) -> SearchSpace:
     return space_for(task, space)
 
 
-def choose(result: SearchResult) -> tuple[Evaluation | None, str]:
-    """The point a run reports: the best within its budget, else the knee of its front."""
-    if result.budget is not None:
-        return result.best(), "best within budget"
-    return result.front.knee(), "knee of the front"
+def best_within(records, budget: Budget) -> Evaluation | None:
+    """The best evaluation the budget admits: highest quality, then smallest, then first evaluated."""
+    ok = [t for t in records if t.ok and budget.admits(t)]
+    return max(ok, key=lambda t: (t.metric, -t.size_bytes, -t.number)) if ok else None
 
 
 def widest_uniform_within(space: SearchSpace, sizes, max_bytes: int) -> Candidate | None:
@@ -134,6 +144,7 @@ def optimize(
     space: SearchSpace | str | Path | dict | None = None,
     options: dict | None = None,
     wall_s: float | None = None,
+    max_failures: float = 0.5,
     storage=None,
     study: str | None = None,
     fresh: bool = False,
@@ -156,21 +167,27 @@ def optimize(
     the knee is chosen. ``storage``: an Optuna storage URL to persist and resume trials.
     ``workers``: evaluate in N worker processes sharing ``storage`` (``task`` must be a spec
     string then). ``evaluator``: share one evaluator (and its cache) between runs.
+    ``max_failures``: the share of failed evaluations (a forward that raises, a metric that is not
+    finite) above which the search stops; failed ones are recorded and never asked again.
     ``on_start(evaluator, budget)`` is called once everything is built, before the search.
     The model gets its own weights back before this returns.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise MPSearchError(f"seed must be a non-negative integer, got {seed!r}")
     strategy = get_strategy(strategy, **(options or {})) if isinstance(strategy, str) else strategy
-    termination = Termination(max_evals=max_evals, wall_s=wall_s)
+    termination = Termination(max_evals=max_evals, wall_s=wall_s, max_failures=max_failures)
     if evaluator is None:
         from .evaluator import Evaluator
 
         task_obj = _as_task(task, calibration, validation, metric, name)
         evaluator = Evaluator(task_obj, _as_space(task_obj, space))
     task_name = evaluator.task_name
+    notes = []
     if budget is not None:
         budget.check(evaluator.sizes)
+        if not budget.binds(evaluator.sizes):
+            notes.append(f"the budget {budget.describe()} admits every candidate, the largest included: "
+                         "the search is not constrained by it")
     executor = None
     if workers:
         from .workers import local_pool
@@ -187,7 +204,14 @@ def optimize(
         if executor is not None:
             executor.close()
             executor = None
-        return _finish(result, evaluator, task_name)
+        out = _finish(result, evaluator, task_name)
+        out.warnings[:0] = notes
+        if result.stop_reason == "too many failed evaluations":
+            out.warnings.append(f"{result.n_failed} of {result.n_evals} evaluations failed; the first: "
+                                f"{result.first_error}")
+        for w in out.warnings:
+            warnings.warn(w, BaselineWarning if w.startswith("uniform ") else MPSearchWarning, stacklevel=2)
+        return out
     finally:
         if executor is not None:
             executor.close()
@@ -198,15 +222,26 @@ def _finish(result: SearchResult, evaluator, task_name: str) -> OptimizeResult:
     from .plan import QuantizationPlan
 
     space, sizes = evaluator.space, evaluator.sizes
-    baselines = [evaluator.evaluate(space.uniform(b)) for b in space.uniform_bits()]
-    chosen, point = choose(result)
-    out = OptimizeResult(result, task_name, space, evaluator.reference_validation_metric, baselines, chosen, point)
+    n = result.n_evals
+    baselines = [replace(evaluator.evaluate(space.uniform(b)), number=n + i, strategy="uniform-baseline",
+                         seed=result.seed) for i, b in enumerate(space.uniform_bits())]
+    out = OptimizeResult(result, task_name, space, evaluator.reference_validation_metric, baselines)
+    # chosen among everything the run evaluated, so no point it printed beats the plan
+    if result.budget is not None:
+        out.chosen, out.point = best_within(out.evaluated, result.budget), "best within budget"
+    else:
+        out.chosen, out.point = out.front.knee(), "knee of the front"
+    chosen = out.chosen
     if chosen is None:
         return out
     out.chosen_validation_metric = evaluator.validation_metric(chosen.candidate)
     out._plan = QuantizationPlan.from_candidate(
         evaluator, chosen.candidate, metric=chosen.metric, validation_metric=out.chosen_validation_metric,
-        provenance={"strategy": result.strategy, "seed": result.seed, "n_evals": result.n_evals, "point": point})
+        provenance={"strategy": result.strategy, "seed": result.seed, "n_evals": result.n_evals, "point": out.point,
+                    "chosen_from": chosen.strategy})
+    if chosen.strategy == "uniform-baseline" and result.budget is not None:
+        out.warnings.append(f"uniform {chosen.candidate[0]}-bit quantization is at least as good as every candidate "
+                            f"{result.strategy} evaluated within the budget: the plan is that baseline")
     uc = widest_uniform_within(space, sizes, chosen.size_bytes)
     if uc is not None:
         u = evaluator.evaluate(uc)

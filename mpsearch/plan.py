@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,16 +18,17 @@ import torch
 from torch import nn
 
 from .core.qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig
-from .core.sizes import layer_bytes
+from .core.sizes import SizeTable, layer_bytes
 from .core.space import LayerSpec, SearchSpace
 from .errors import PlanError
-from .files import read_text, write_atomic
+from .schemas import PlanDocument, parse
+from .files import finite_json, json_text, read_text, write_atomic
+from .model.fold import fold_batchnorm
 from .model.walk import build_space, model_fingerprint
 from .quantize import fake_quantize
 
 PLAN_FORMAT = "mpsearch-plan"
 PLAN_VERSION = 1
-REQUIRED = ("format", "version", "model", "quantizer", "layers", "unquantized", "predicted", "provenance")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class QuantizationPlan:
     unquantized: list[str]
     predicted: dict
     provenance: dict = field(default_factory=dict)
+    float_layers: list[str] | None = None  # quantizable modules left in float (excluded, or at 32 bits)
 
     # ---- construction ----------------------------------------------------------------
     @classmethod
@@ -53,10 +56,13 @@ class QuantizationPlan:
             metric = evaluator.evaluate(candidate).metric
         layers: dict[str, dict] = {}
         unquantized = list(sizes.unquantized_tensors)
-        for name, bits in space.layer_bits(candidate).items():
-            spec = space.layers[name]
+        float_layers = list(space.excluded)
+        chosen = space.layer_bits(candidate)
+        for name, spec in space.layers.items():  # network order
+            bits = chosen[name]
             if bits >= UNQUANTIZED_BITS:
                 unquantized.append(spec.weight_name)
+                float_layers.append(name)
                 continue
             entry = {"bits": int(bits), "kind": spec.kind, "shape": list(spec.shape), "n_params": spec.n_params}
             if space.quantizer.granularity == "per-group" and bits < FLOAT16_BITS:
@@ -88,19 +94,25 @@ class QuantizationPlan:
             unquantized=sorted(unquantized),
             predicted=predicted,
             provenance=prov,
+            float_layers=float_layers,
         )
 
     # ---- file format -------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model": self.model, "quantizer": self.quantizer,
-                "layers": self.layers, "unquantized": self.unquantized, "predicted": self.predicted,
-                "provenance": self.provenance}
+        d = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model": self.model, "quantizer": self.quantizer,
+             "layers": self.layers, "unquantized": self.unquantized}
+        if self.float_layers is not None:
+            d["float_layers"] = self.float_layers
+        d.update({"predicted": self.predicted, "provenance": self.provenance})
+        return finite_json(d)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        return json_text(self.to_dict())
 
     def save(self, path: str | Path) -> Path:
         self.check()
+        if Path(path).is_dir():
+            raise PlanError(f"cannot save the plan to {path}: it is a directory")
         return write_atomic(path, self.to_json())
 
     @classmethod
@@ -111,11 +123,10 @@ class QuantizationPlan:
             raise PlanError(f"{source}: not an mpsearch plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
         if d.get("version") != PLAN_VERSION:
             raise PlanError(f"{source}: unsupported plan version {d.get('version')!r} (this mpsearch reads version {PLAN_VERSION})")
-        missing = [k for k in REQUIRED if k not in d]
-        if missing:
-            raise PlanError(f"{source}: missing field(s) {', '.join(missing)}")
-        plan = cls(d["model"], d["quantizer"], d["layers"], d["unquantized"], d["predicted"], d["provenance"])
-        return plan.check(source)
+        parse(PlanDocument, d, source, PlanError)
+        layers = {n: {**e, "n_params": math.prod(e["shape"])} for n, e in d["layers"].items()}  # derivable: filled in
+        return cls(d["model"], d["quantizer"], layers, d["unquantized"], d["predicted"], d["provenance"],
+                   d.get("float_layers"))
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantizationPlan":
@@ -128,29 +139,8 @@ class QuantizationPlan:
         return cls.from_dict(d, str(p))
 
     def check(self, source: str = "plan") -> "QuantizationPlan":
-        for key in ("name", "fingerprint"):
-            if not isinstance(self.model, dict) or key not in self.model:
-                raise PlanError(f"{source}: model.{key} is missing")
-        try:
-            self.quantizer_config()
-        except (TypeError, ValueError) as exc:
-            raise PlanError(f"{source}: bad quantizer settings: {exc}") from None
-        if not isinstance(self.layers, dict):
-            raise PlanError(f"{source}: layers must be a mapping of layer name to settings")
-        for name, entry in self.layers.items():
-            if not isinstance(entry, dict) or "bits" not in entry:
-                raise PlanError(f"{source}: layer {name!r} has no bits")
-            b = entry["bits"]
-            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= FLOAT16_BITS:
-                raise PlanError(f"{source}: layer {name!r} has bits {b!r}, outside 1-16")
-            g = entry.get("group_size")
-            if g is not None and (not isinstance(g, int) or g < 1):
-                raise PlanError(f"{source}: layer {name!r} has a bad group_size {g!r}")
-        if not isinstance(self.unquantized, list):
-            raise PlanError(f"{source}: unquantized must be a list of tensor names")
-        for key in ("size_bytes", "metric_name", "metric"):
-            if key not in self.predicted:
-                raise PlanError(f"{source}: predicted.{key} is missing")
+        """Refuse a plan that its own file format would refuse (``PlanDocument``)."""
+        parse(PlanDocument, self.to_dict(), source, PlanError)
         return self
 
     # ---- use -----------------------------------------------------------------------------
@@ -178,10 +168,16 @@ class QuantizationPlan:
 
 
 def apply(plan: QuantizationPlan, model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """The model with its weights fake-quantized as the plan says: a copy, or ``model`` itself with ``inplace``."""
-    plan.check_model(model)
-    if not inplace:
-        model = copy.deepcopy(model)
+    """The model with its weights fake-quantized as the plan says: a copy, or ``model`` itself with ``inplace``.
+
+    A model with BatchNorm after convolutions is folded first (as it was when the plan was searched),
+    which makes a copy: ``inplace`` is refused for it."""
+    folded, bns = fold_batchnorm(model)
+    if bns and inplace:
+        raise PlanError("this model folds BatchNorm into its convolutions before quantization, which makes a copy; "
+                        "apply the plan with inplace=False")
+    plan.check_model(folded)
+    model = folded if bns else (model if inplace else copy.deepcopy(model))
     modules = dict(model.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for name, entry in plan.layers.items():
@@ -218,11 +214,17 @@ def verify(plan: QuantizationPlan, task) -> dict:
     from .evaluator import Evaluator
 
     space = pinned_space(plan, task.model)
+    size = SizeTable(space).size(())
+    if size.size_bytes != plan.predicted["size_bytes"]:
+        covered = set(plan.unquantized) | {space.layers[n].weight_name for n in plan.layers}
+        loose = [n for n in space.tensors if n not in covered]
+        raise PlanError(f"the plan predicts {plan.predicted['size_bytes']:,} bytes, but applied to this model it makes "
+                        f"{size.size_bytes:,}" + (f": tensor(s) {', '.join(loose[:5])} are neither planned nor listed "
+                                                  "as unquantized" if loose else ""))
     with Evaluator(task, space) as evaluator:  # reference outputs from the full-precision model, before apply
         apply(plan, task.model, inplace=True)
         metric = evaluator.score_model("validation")
         calibration = evaluator.score_model("calibration")
-    size = evaluator.sizes.size(())
     pred = plan.predicted
     return {
         "model": plan.model.get("name"),

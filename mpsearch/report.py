@@ -4,7 +4,7 @@ This sits at the edge: it reads results, and nothing in the core imports it.
 """
 from __future__ import annotations
 
-import json
+import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +14,7 @@ import pandas as pd
 
 from .core.pareto import hypervolume_curve
 from .core.space import SearchSpace
+from .files import json_text, write_atomic
 from .search import SearchResult
 
 
@@ -26,15 +27,17 @@ def _plt():
     return plt
 
 
-def trials_frame(result: SearchResult, space: SearchSpace, trials=None) -> pd.DataFrame:
-    """One row per evaluation: size, average bits, metric, cost, and the bits of every decision."""
+def trials_frame(records, space: SearchSpace, full_precision_bytes: int, budget=None) -> pd.DataFrame:
+    """One row per evaluation: size, average bits, metric (empty when it failed, with the error), cost,
+    and the bits of every decision."""
     rows = []
-    for t in (result.trials if trials is None else trials):
+    for t in records:
         row = {"number": t.number, "strategy": t.strategy, "seed": t.seed, "size_bytes": t.size_bytes,
-               "avg_bits": round(t.avg_bits, 6), "compression_ratio": round(result.full_precision_bytes / t.size_bytes, 6),
-               "metric": t.metric, "wall_s": round(t.wall_s, 6), "resumed": t.resumed, "cached": t.cached}
-        if result.budget is not None:
-            row["feasible"] = result.budget.admits(t)
+               "avg_bits": round(t.avg_bits, 6), "compression_ratio": round(full_precision_bytes / t.size_bytes, 6),
+               "metric": t.metric, "wall_s": round(t.wall_s, 6), "resumed": t.resumed, "cached": t.cached,
+               "error": t.error or ""}
+        if budget is not None:
+            row["feasible"] = budget.admits(t)
         for d, bits in zip(space.decisions, t.candidate):
             row[f"bits:{d.name}"] = bits
         rows.append(row)
@@ -45,12 +48,37 @@ def front_trials(result: SearchResult) -> list:
     return list(result.front.points)
 
 
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    return write_atomic(path, df.to_csv(index=False))
+
+
+METRIC_LABELS = {"neg_kl": "-KL to full precision (higher is better)",
+                 "neg_mse": "-MSE to full precision (higher is better)",
+                 "cosine": "cosine to full precision", "sqnr": "SQNR to full precision (dB)"}
+
+
+def fmt_metric(v, digits: int = 4) -> str:
+    """A number for a table or a line of text: fixed decimals, or 3 significant digits when that small,
+    "n/a" for what is not a finite number (a plan may hold null, a failed evaluation NaN)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.3e}" if v != 0 and abs(v) < 10.0 ** -(digits - 1) else f"{v + 0.0:.{digits}f}"  # + 0.0: no -0.0000
+
+
+def metric_label(metric_name: str) -> str:
+    """The oriented quantity a metric value is, for axes and tables."""
+    return METRIC_LABELS.get(metric_name, metric_name)
+
+
 def plot_front(path: Path, fronts: dict[str, Sequence], full_precision_bytes: int, metric_name: str,
                reference_metric: float | None = None, uniform: Sequence | None = None, all_points: Sequence | None = None,
                budget_bytes: int | None = None, title: str = "") -> Path:
     """Size against quality: one step line per front, grey dots for every trial, uniform points marked."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    all_points = [p for p in all_points or () if p.ok]
     if all_points:
         ax.scatter([p.size_bytes / 1e6 for p in all_points], [p.metric for p in all_points], s=6, c="0.75",
                    label="evaluated", zorder=1)
@@ -70,20 +98,27 @@ def plot_front(path: Path, fronts: dict[str, Sequence], full_precision_bytes: in
         ax.axhline(reference_metric, ls=":", c="k", lw=0.8, label="full precision")
     if budget_bytes is not None:
         ax.axvline(budget_bytes / 1e6, ls="--", c="r", lw=0.8, label="budget")
-    return _finish(plt, fig, ax, path, "size (MB)", metric_name,
+    return _finish(plt, fig, ax, path, "size (MB)", metric_label(metric_name),
                    title or f"Pareto front (full precision {full_precision_bytes / 1e6:.3g} MB)")
 
 
 def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9, wrap=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path, dpi=110)
     return path
+
+
+def save_figure(plt, fig, path: Path, dpi: int) -> None:
+    """Render to memory, then write the file whole (a crash never leaves half a PNG)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
 
 
 def hv_curve(result: SearchResult) -> list[float]:
@@ -167,14 +202,17 @@ def _cell(v) -> str:
 
 def write_run(res, out: Path, *, title: str = "", summary_extra: dict | None = None) -> dict:
     """The run directory: trials.csv, front.csv, front.png, hypervolume.png, plan.json, plan.png and
-    summary.json (written last, listing the files). Returns the summary."""
+    summary.json (written last, listing the files). Every file is written whole or not at all, and a
+    plan.json left by an earlier run into the same folder is removed when this run has none.
+    Returns the summary."""
     out = Path(out)
     r = res.search
-    trials_frame(r, res.space).to_csv(out / "trials.csv", index=False)
-    ftrials = front_trials(r)
-    trials_frame(r, res.space, ftrials).to_csv(out / "front.csv", index=False)
-    plot_front(out / "front.png", {r.strategy: ftrials}, r.full_precision_bytes, r.metric_name, r.reference_metric,
-               uniform=res.baselines, all_points=r.trials, budget_bytes=r.budget.max_bytes if r.budget else None,
+    budget = r.budget
+    write_csv(trials_frame(res.evaluated, res.space, r.full_precision_bytes, budget), out / "trials.csv")
+    front = res.front.points
+    write_csv(trials_frame(front, res.space, r.full_precision_bytes, budget), out / "front.csv")
+    plot_front(out / "front.png", {"run": front}, r.full_precision_bytes, r.metric_name, r.reference_metric,
+               uniform=res.baselines, all_points=res.evaluated, budget_bytes=budget.max_bytes if budget else None,
                title=title or f"{res.task_name}: {r.strategy}, seed {r.seed}, {r.n_evals} evaluations")
     plot_hypervolume(out / "hypervolume.png", {r.strategy: [hv_curve(r)]})
     files = ["summary.json", "trials.csv", "front.csv", "front.png", "hypervolume.png"]
@@ -185,6 +223,9 @@ def write_run(res, out: Path, *, title: str = "", summary_extra: dict | None = N
         plan.save(out / "plan.json")
         plot_plan(plan, out / "plan.png")
         files += ["plan.json", "plan.png"]
+    else:
+        for stale in ("plan.json", "plan.png"):
+            (out / stale).unlink(missing_ok=True)
     summary = {**res.summary(), **(summary_extra or {}), "files": files}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json_text(summary))
     return summary

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from .plan import QuantizationPlan, layer_table
+from .report import fmt_metric, save_figure
 
 # long Hugging Face / torch name parts -> short labels
 _ABBREV = {
@@ -82,8 +83,7 @@ def plot_plan(plan: QuantizationPlan, path: str | Path) -> Path:
     p = plan.predicted
     title = f"{plan.model.get('name', 'model')}: {n} layers, {p.get('size_bytes', 0):,} bytes"
     if "metric" in p:
-        title += f", {p.get('metric_name', 'metric')} {p['metric']:.4f}"
+        title += f", {p.get('metric_name', 'metric')} {fmt_metric(p['metric'])}"
     ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path, dpi=120)
     return path

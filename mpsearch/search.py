@@ -1,6 +1,7 @@
 """The search loop: ask -> evaluate -> tell, with records, resume and anytime results."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
@@ -12,23 +13,32 @@ from .core.pareto import ParetoFront
 from .core.records import Evaluation
 from .core.sizes import SizeTable
 from .core.space import Candidate, SearchSpace
-from .errors import MPSearchError
+from .errors import MPSearchError, SpaceError
 from .storage import TrialStore
 from .strategies import SearchContext, Strategy, get_strategy
 
 MAX_STALLS = 100  # batches in a row that bring nothing new before the loop gives up on a strategy
+MIN_FAILURES = 3  # failed evaluations before the share of failures is judged
 
 
 @dataclass(frozen=True)
 class Termination:
+    """``max_failures``: the search stops once more than this share of its evaluations failed
+    (judged from ``MIN_FAILURES`` failures on)."""
+
     max_evals: int | None = None
     wall_s: float | None = None
+    max_failures: float = 0.5
 
     def __post_init__(self):
-        if self.max_evals is not None and self.max_evals <= 0:
-            raise MPSearchError(f"max evaluations must be positive, got {self.max_evals}")
-        if self.wall_s is not None and self.wall_s <= 0:
-            raise MPSearchError(f"wall time must be positive, got {self.wall_s}")
+        if self.max_evals is not None and (isinstance(self.max_evals, bool) or not isinstance(self.max_evals, int)
+                                           or self.max_evals <= 0):
+            raise MPSearchError(f"max evaluations must be a positive integer, got {self.max_evals!r}")
+        if self.wall_s is not None and not (isinstance(self.wall_s, (int, float)) and math.isfinite(self.wall_s)
+                                            and self.wall_s > 0):
+            raise MPSearchError(f"wall time must be a positive number of seconds, got {self.wall_s!r}")
+        if not (isinstance(self.max_failures, (int, float)) and 0.0 <= self.max_failures <= 1.0):
+            raise MPSearchError(f"max failures must be a share between 0 and 1, got {self.max_failures!r}")
 
 
 class Objective(Protocol):
@@ -64,6 +74,14 @@ class SearchResult:
     @property
     def n_evals(self) -> int:
         return len(self.trials)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for t in self.trials if not t.ok)
+
+    @property
+    def first_error(self) -> str | None:
+        return next((f"candidate {list(t.candidate)}: {t.error}" for t in self.trials if not t.ok), None)
 
     @property
     def front(self) -> ParetoFront:
@@ -125,6 +143,9 @@ def search(
     The search also ends once every candidate the budget admits has been evaluated.
     """
     space, sizes = evaluator.space, evaluator.sizes
+    if space.cardinality <= 1:
+        raise SpaceError("the search space has no decision to make: every searched layer is pinned or has a single "
+                         f"choice ({space.summary()})")
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
     termination = termination or Termination(max_evals=100)
     if budget is not None:
@@ -148,9 +169,15 @@ def search(
         bar = tqdm(total=termination.max_evals, desc=f"{strategy.name} seed {seed}", unit="eval", leave=False)
     front: list[Evaluation] = []
     best: list[Evaluation | None] = [None]
-    asked: dict[Candidate, Evaluation] = {}
+    asked: dict[Candidate, Evaluation] = {}  # what the strategy is told, per candidate
+    ref = float(evaluator.reference_metric)
+    worst = [ref if math.isfinite(ref) else 0.0]  # the lowest finite quality seen
 
     def should_stop() -> bool:
+        failed = result.n_failed
+        if failed >= MIN_FAILURES and failed > termination.max_failures * len(result.trials):
+            result.stop_reason = result.stop_reason or "too many failed evaluations"
+            return True
         if termination.max_evals is not None and len(result.trials) >= termination.max_evals:
             result.stop_reason = result.stop_reason or "max evaluations"
             return True
@@ -171,14 +198,17 @@ def search(
             store.add([trial])
             result.storage_s += time.perf_counter() - t0
         result.trials.append(trial)
-        asked[trial.candidate] = trial
+        if trial.ok and math.isfinite(trial.metric):
+            worst[0] = min(worst[0], trial.metric)
+        # a failed evaluation is told as the worst quality seen, less a margin: never preferred, never asked again
+        asked[trial.candidate] = trial if trial.ok else replace(trial, metric=worst[0] - max(1.0, abs(worst[0])))
         if budget is None or budget.admits(trial):
             feasible_seen.add(trial.candidate)
         if bar is not None:  # the running front and best only feed the progress bar
             nonlocal front
             f = ParetoFront(front + [trial], result.full_precision_bytes, result.reference_metric, result.metric_name)
             front = f.points
-            if budget is not None and budget.admits(trial):
+            if trial.ok and budget is not None and budget.admits(trial):
                 if best[0] is None or trial.metric > best[0].metric:
                     best[0] = trial
             post = {"hv": f"{f.hypervolume():.4f}"}

@@ -8,10 +8,13 @@ never pays for them again.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from typing import Iterable
 
 import optuna
+from optuna.trial import TrialState
 
 from .errors import StorageError
 from .core.records import Evaluation
@@ -39,6 +42,16 @@ def open_storage(url: str | None):
         raise StorageError(f"cannot open storage {_redact(url)}: {msg}") from None
 
 
+def _reason(exc: BaseException) -> str:
+    """The root cause's first line (the database's own words, e.g. "attempt to write a readonly database")."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "readonly" in text.replace("-", "").replace(" ", "").lower():
+        return f"it is read-only ({text})"
+    return text
+
+
 def _engine_kwargs(url: str) -> dict:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 60}}
@@ -57,6 +70,7 @@ class TrialStore:
         self.space = space
         self.storage = open_storage(storage)
         self.study_name = study_name
+        self.where = _redact(storage) if isinstance(storage, str) else "the storage"
         try:
             if fresh:
                 try:
@@ -68,8 +82,9 @@ class TrialStore:
         except StorageError:
             raise
         except Exception as exc:
-            raise StorageError(f"cannot open study {study_name!r}: {str(exc).splitlines()[0]}") from None
-        self._check_space()
+            raise StorageError(f"cannot open study {study_name!r} in {self.where}: {_reason(exc)}") from None
+        with self.writing():
+            self._check_space()
         self.distributions = {
             d.name: optuna.distributions.CategoricalDistribution(list(d.choices)) for d in space.decisions
         }
@@ -86,15 +101,25 @@ class TrialStore:
             )
 
     def load(self) -> list[Evaluation]:
+        """Every evaluation stored in the study: completed ones, and failed ones that carry their error."""
         out = []
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            if t.state == TrialState.FAIL and "error" not in t.user_attrs:
+                continue  # failed by the machinery (a dead worker, a cancelled trial), not by its evaluation
             try:
                 cand = tuple(int(t.params[d.name]) for d in self.space.decisions)
             except KeyError:
                 continue
-            ua = t.user_attrs
             out.append(record_of(t, cand))
         return sorted(out, key=lambda r: r.number)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Storage failures as one line that says what went wrong (optuna's own message only guesses)."""
+        try:
+            yield
+        except optuna.exceptions.StorageInternalError as exc:
+            raise StorageError(f"cannot write to {self.where}: {_reason(exc)}") from None
 
     def add(self, trials: Iterable[Evaluation]) -> None:
         frozen = []
@@ -102,16 +127,30 @@ class TrialStore:
             frozen.append(optuna.trial.create_trial(
                 params={d.name: int(b) for d, b in zip(self.space.decisions, r.candidate)},
                 distributions=self.distributions,
-                values=[float(r.size_bytes), float(r.metric)],
-                user_attrs={"order": r.number, "avg_bits": r.avg_bits, "wall_s": r.wall_s, "strategy": r.strategy,
-                            "seed": r.seed, "cached": r.cached},
+                values=[float(r.size_bytes), float(r.metric)] if r.ok else None,
+                state=TrialState.COMPLETE if r.ok else TrialState.FAIL,
+                user_attrs=trial_attrs(r),
             ))
-        self.study.add_trials(frozen)
+        with self.writing():
+            self.study.add_trials(frozen)
+
+
+def trial_attrs(r: Evaluation, **extra) -> dict:
+    """The user attributes that, with the params and values, make a stored trial one ``Evaluation``."""
+    out = {"order": r.number, "avg_bits": r.avg_bits, "wall_s": r.wall_s, "strategy": r.strategy, "seed": r.seed,
+           "cached": r.cached, **extra}
+    if not r.ok:
+        out.update({"error": r.error, "size_bytes": r.size_bytes})
+    return out
 
 
 def record_of(t, candidate) -> Evaluation:
-    """The evaluation a COMPLETE optuna trial holds (written by ``TrialStore.add`` or a worker)."""
+    """The evaluation a COMPLETE or failed optuna trial holds (written by ``TrialStore.add`` or a worker)."""
     ua = t.user_attrs
-    return Evaluation(candidate, int(t.values[0]), float(ua["avg_bits"]), float(t.values[1]), float(ua.get("wall_s", 0.0)),
+    failed = t.state == TrialState.FAIL
+    size = int(ua["size_bytes"]) if failed else int(t.values[0])
+    metric = math.nan if failed else float(t.values[1])
+    return Evaluation(candidate, size, float(ua["avg_bits"]), metric, float(ua.get("wall_s", 0.0)),
                       cached=bool(ua.get("cached", False)), number=ua.get("order", t.number),
-                      strategy=ua.get("strategy", "?"), seed=int(ua.get("seed", 0)), resumed=True)
+                      strategy=ua.get("strategy", "?"), seed=int(ua.get("seed", 0)), resumed=True,
+                      error=ua.get("error") if failed else None)

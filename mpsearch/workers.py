@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,12 +51,12 @@ from .core.records import Evaluation
 from .core.space import Candidate
 from .errors import MPSearchError, StorageError
 from .optuna_rdb import TrialLost, complete, frozen_trial_id, swap_state
-from .storage import _engine_kwargs, _redact, open_storage, quiet_optuna, record_of
+from .storage import _engine_kwargs, _redact, open_storage, quiet_optuna, record_of, trial_attrs
 
 STUDY_TASK = "worker_task"  # study user attribute: what a worker loads (model spec, space file, heartbeats)
 STUDY_DONE = "done"  # study user attribute: set when the driver closes
 STUDY_WORKER_ERROR = "worker_error"  # study user attribute: the last worker that could not start, and why
-TRIAL_ERROR = "mpsearch_error"  # trial system attribute: why its evaluation raised
+TRIAL_ERROR = "mpsearch_error"  # trial system attribute: why a worker could not evaluate it at all
 PARENT_ENV = "MPSEARCH_WORKER_PARENT"  # local workers exit when this process goes away
 HEARTBEAT_ENV = "MPSEARCH_HEARTBEAT_S"
 GRACE_ENV = "MPSEARCH_GRACE_S"
@@ -263,6 +264,9 @@ class QueueExecutor:
             if t.state == TrialState.COMPLETE:
                 done[c] = record_of(t, c)
                 new = True
+            elif t.state == TrialState.FAIL and "error" in t.user_attrs:  # the evaluation failed: a record too
+                done[c] = record_of(t, c)
+                new = True
             elif t.state == TrialState.FAIL:
                 err = t.system_attrs.get(TRIAL_ERROR)
                 if err:
@@ -426,11 +430,14 @@ def run_worker(storage_url: str, study_name: str, *, wait_s: float = 300.0, poll
             finally:
                 stop.set()
                 beat.join()
-            ua = dict(claimed.user_attrs)
-            ua.update({"avg_bits": ev.avg_bits, "wall_s": ev.wall_s, "cached": ev.cached, "worker": me})
+            given = claimed.user_attrs  # order, strategy and seed, from the driver
+            ua = trial_attrs(replace(ev, number=given.get("order", -1), strategy=given.get("strategy", "?"),
+                                     seed=int(given.get("seed", 0))), worker=me)
+            if not ev.ok:
+                say(f"trial {claimed.number}: the evaluation failed: {ev.error}")
             try:
                 complete(storage, current, dict(zip(names, ev.candidate)), dists, ua,
-                          [float(ev.size_bytes), float(ev.metric)])
+                         [float(ev.size_bytes), float(ev.metric)] if ev.ok else None)
                 n_done += 1
             except TrialLost:
                 say(f"trial {claimed.number} was failed as stale before it completed; its retry counts instead")

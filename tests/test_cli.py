@@ -121,14 +121,15 @@ def test_search_writes_every_contract_file(demo_run):
         assert key in s["best"], key
     assert s["best"]["avg_bits"] <= 3.0 + 1e-9
     trials = pd.read_csv(demo_run / "trials.csv")
-    assert len(trials) == 40
+    assert (trials.strategy == "pso").sum() == 40  # and the uniform baselines pso did not ask, evaluated by the run
+    assert set(trials.strategy) <= {"pso", "uniform-baseline"}
     assert {"size_bytes", "avg_bits", "metric"} <= set(trials.columns)
     bit_cols = [c for c in trials.columns if c.startswith("bits:")]
     assert len(bit_cols) == 6
     assert not trials.duplicated(bit_cols).any()
     front = pd.read_csv(demo_run / "front.csv")
     assert 1 <= len(front) <= len(trials)
-    # the front's points are trials, and no trial dominates a front point
+    # the front's points are evaluations of the run, and no evaluation dominates a front point (baselines included)
     for _, f in front.iterrows():
         dominated = trials[(trials.size_bytes <= f.size_bytes) & (trials.metric >= f.metric)
                            & ((trials.size_bytes < f.size_bytes) | (trials.metric > f.metric))]
@@ -203,6 +204,7 @@ def test_sigkill_then_resume_finishes_with_exactly_max_evals(tmp_path, strategy)
     assert s["n_evals"] == 40
     assert s["n_resumed"] == len(stored_before)
     trials = pd.read_csv(out / "trials.csv")
+    trials = trials[trials.strategy == strategy]
     assert int((~trials.resumed).sum()) == 40 - len(stored_before)
 
 
@@ -232,7 +234,8 @@ def test_compare_writes_files_and_matches_single_runs(tmp_path, capsys):
                     "--seed", "2", "--out", single, "--no-progress"], capsys)[0] == 0
     s = json.loads((single / "summary.json").read_text())
     row = runs[(runs.strategy == "pso") & (runs.seed == 2)].iloc[0]
-    assert row.hypervolume == pytest.approx(s["hypervolume"], rel=1e-12)
+    assert row.hypervolume == pytest.approx(s["strategy_hypervolume"], rel=1e-12)  # the strategy's own trials
+    assert s["hypervolume"] >= s["strategy_hypervolume"]  # the run's front adds the uniform baselines
     assert row.best_metric == pytest.approx(s["best"]["metric"], rel=1e-12)
     assert row.best_validation_metric == pytest.approx(s["best"]["validation_metric"], rel=1e-12)
     md = (out / "comparison.md").read_text()
@@ -312,7 +315,7 @@ def test_unreadable_or_corrupt_plan(demo_run, capsys, tmp_path):
     bad_bits = json.loads((demo_run / "plan.json").read_text())
     bad_bits["layers"]["features.0"]["bits"] = 40
     (tmp_path / "bits.json").write_text(json.dumps(bad_bits))
-    assert_bad_input(["show", tmp_path / "bits.json"], capsys, "outside 1-16")
+    assert_bad_input(["show", tmp_path / "bits.json"], capsys, "layers.features.0.bits: input should be less than or equal to 16")
 
 
 def test_unknown_or_unreachable_storage(capsys, tmp_path):

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 import pytest
+
+from mpsearch.errors import SpaceError
 import torch
 from torch import nn
 
@@ -78,11 +80,15 @@ def test_per_group_conv_groups_run_over_in_channels_and_kernel():
     assert SizeTable(space9).size_bytes((4,)) == 54 + 12 * 2 + 4 * 4
 
 
-def test_scale_and_zero_point_bits_are_configurable():
-    cfg = {"scheme": "asymmetric", "scale_bits": 32, "zero_point_bits": 4}
+def test_zero_point_bits_are_configurable_and_scale_bits_are_what_is_stored():
+    cfg = {"scheme": "asymmetric", "zero_point_bits": 5}
     space = build_space(OneLinear(10, 6), [5], quantizer=cfg)
-    # 300 bits -> 38 bytes; 6 scales x 4 bytes; 6 zero-points x 4 bits = 3 bytes; bias 24
-    assert SizeTable(space).size_bytes((5,)) == 38 + 24 + 3 + 24
+    # 300 bits -> 38 bytes; 6 float16 scales = 12 bytes; 6 zero-points x 5 bits = 30 bits -> 4 bytes; bias 24
+    assert SizeTable(space).size_bytes((5,)) == 38 + 12 + 4 + 24
+    with pytest.raises(SpaceError, match="scale_bits"):  # scales are stored as float16: no other count is true
+        build_space(OneLinear(10, 6), [5], quantizer={"scale_bits": 32})
+    with pytest.raises(SpaceError, match="zero_point_bits"):  # 4 bits cannot hold a 5-bit zero-point
+        build_space(OneLinear(10, 6), [5], quantizer={"scheme": "asymmetric", "zero_point_bits": 4})
 
 
 def test_float16_and_unquantized():

@@ -206,9 +206,13 @@ def test_gptqmodel_unquantized_and_per_group(digits_plan, tmp_path):
     plan.unquantized = plan.unquantized + ["head.proj.weight", "head.norm.weight"]
     plan.quantizer = {**plan.quantizer, "granularity": "per-group", "group_size": 32}
     plan.layers["features.2"]["group_size"] = 64
+    plan.float_layers = ["head.proj"]  # the quantizable module the plan leaves in float (head.norm is not one)
     out = tmp_path / "q.json"
     to_gptqmodel(plan, out)
     cfg = json.loads(out.read_text())
+    plan.float_layers = None  # a plan written before float_layers: the name heuristic gives the same keys
+    to_gptqmodel(plan, tmp_path / "old.json")
+    assert json.loads((tmp_path / "old.json").read_text())["dynamic"] == cfg["dynamic"]
     assert cfg["group_size"] == 32
     _check_gptq(plan, cfg)
     assert _gptq_lookup(cfg["dynamic"], "classifier.5") is None

@@ -304,3 +304,74 @@ def test_onnxruntime_minilm(minilm_plan, minilm_evaluator, fresh_minilm, tmp_pat
     # ORT's default session quantizes activations inside MatMulNBits: still within tolerance
     cos_default = _score(minilm_evaluator, run_onnx(session(path, accuracy_level=None), minilm_evaluator.validation))
     assert abs(cos_default - pred) <= MINILM_TOL
+
+
+RESNET_TASK = '''
+import torch
+from torch import nn
+from mpsearch import Task
+from mpsearch.tasks import digits
+
+
+class Block(nn.Module):
+    """Residual block: depthwise 3x3 conv + BN, pointwise 1x1 conv + BN, skip connection."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.pw(torch.relu(self.bn1(self.dw(x))))))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.blocks = nn.Sequential(Block(16), Block(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def make_task():
+    torch.manual_seed(0)
+    s = digits.splits()
+    model = TinyResNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = s["train"]
+    for _ in range(40):  # a few full-batch steps: BatchNorm statistics and a usable classifier
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    cal, val = s["calibration"], s["validation"]
+    return Task(model=model, calibration=[cal], validation=[val], metric="accuracy", name="tinyresnet")
+'''
+
+
+def test_resnet_with_batchnorm_is_searched_and_exported_to_onnxruntime(tmp_path):
+    """BatchNorm is folded into the convolutions before the search, so the weights ONNX holds are the scored ones."""
+    pytest.importorskip("onnxruntime")
+    import mpsearch
+    from mpsearch.exporters.onnxruntime import run_onnx, session
+    from mpsearch.tasks import load_task
+
+    (tmp_path / "resnet_task.py").write_text(RESNET_TASK)
+    spec = f"{tmp_path / 'resnet_task.py'}:make_task"
+    task = load_task(spec)
+    assert len(task.meta["folded_batchnorm"]) == 5
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in task.model.modules())
+    res = mpsearch.optimize(task, strategy="greedy", budget=mpsearch.Budget(max_avg_bits=4.0), max_evals=30)
+    plan = res.plan()
+    assert plan.predicted["validation_metric"] > 0.5  # a trained classifier
+    path = tmp_path / "resnet.onnx"
+    export(plan, "onnxruntime", path, load_task(spec))  # a fresh load folds the same way: the fingerprint matches
+    acc = float((run_onnx(session(path), task.validation).argmax(-1) == task.validation[0][1]).float().mean())
+    assert acc == pytest.approx(plan.predicted["validation_metric"], abs=1 / 300)  # at most one image of 300

@@ -38,7 +38,10 @@ class Budget:
         for flag, v in (("--budget-mb", budget_mb), ("--avg-bits", avg_bits)):
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise BudgetError(f"{flag} must be a positive finite number, got {v}")
-        return cls(None if budget_mb is None else int(budget_mb * MB), avg_bits)
+        max_bytes = None if budget_mb is None else budget_mb * MB
+        if max_bytes is not None and not math.isfinite(max_bytes):
+            raise BudgetError(f"--budget-mb {budget_mb} is too large to count in bytes")
+        return cls(None if max_bytes is None else int(max_bytes), avg_bits)
 
     # ---- the rule ---------------------------------------------------------------------
     def fits(self, size_bytes, avg_bits):

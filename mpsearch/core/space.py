@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import SpaceError
+from ..errors import CandidateError, SpaceError
 from .qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -75,6 +75,7 @@ class SearchSpace:
     tensors: dict[str, tuple[int, int]] = field(default_factory=dict)  # every stored tensor: (numel, element size)
     fingerprint: str = ""
     model_name: str = "model"
+    excluded: list[str] = field(default_factory=list)  # quantizable layers the space leaves in float
 
     @property
     def n_decisions(self) -> int:
@@ -104,14 +105,16 @@ class SearchSpace:
 
     def check_candidate(self, candidate: Sequence[int]) -> Candidate:
         """The candidate as a tuple of ints; refuses a wrong length, a non-integer or a bit-width not offered."""
+        if isinstance(candidate, (str, bytes)) or not hasattr(candidate, "__len__"):
+            raise CandidateError(f"a candidate is a sequence of bit-widths, one per decision; got {candidate!r}")
         if len(candidate) != self.n_decisions:
-            raise ValueError(f"candidate has {len(candidate)} entries, the space has {self.n_decisions} decisions")
+            raise CandidateError(f"candidate has {len(candidate)} entries, the space has {self.n_decisions} decisions")
         out = []
         for d, b in zip(self.decisions, candidate):
             if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
-                raise ValueError(f"decision {d.name}: bits must be an integer, got {b!r}")
+                raise CandidateError(f"decision {d.name}: bits must be an integer, got {b!r}")
             if int(b) not in d.choices:
-                raise ValueError(f"decision {d.name}: {b} bits is not among its choices {list(d.choices)}")
+                raise CandidateError(f"decision {d.name}: {b} bits is not among its choices {list(d.choices)}")
             out.append(int(b))
         return tuple(out)
 

@@ -6,6 +6,8 @@ exporters that need only the plan (``needs_model=False``).
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,7 +60,14 @@ def formats() -> list[str]:
     return sorted(REGISTRY)
 
 
-def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None) -> ExportResult:
+def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan_path: str | Path | None = None
+           ) -> ExportResult:
+    """Write ``plan`` for ``fmt`` at ``out`` (and, for some formats, files beside it).
+
+    An existing file at ``out`` is replaced; a directory, or the plan's own file (``plan_path``),
+    is refused. Everything is written into a temporary folder first and moved into place only
+    when the exporter succeeded, so a failed export leaves nothing behind.
+    """
     _load_all()
     if fmt not in REGISTRY:
         raise MPSearchError(f"unknown export format {fmt!r}; choose one of {', '.join(sorted(REGISTRY))}")
@@ -68,8 +77,25 @@ def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None) -> Expo
     if ex.needs_model:
         plan.check_model(task.model)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return ex.fn(plan, out, task)
+    if out.is_dir():
+        raise MPSearchError(f"--out {out} is a directory; name the file to write")
+    if plan_path is not None and out.resolve() == Path(plan_path).resolve():
+        raise MPSearchError(f"--out {out} is the plan being exported; writing there would destroy it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".mpsearch-export-", dir=out.parent) as tmp:
+            res = ex.fn(plan, Path(tmp) / out.name, task)
+            final = [out.parent / p.name for p in res.paths]
+            if plan_path is not None and any(f.resolve() == Path(plan_path).resolve() for f in final):
+                raise MPSearchError(f"the {fmt} export writes {', '.join(map(str, final))}, which would replace the plan")
+            for p, f in zip(res.paths, final):
+                if f.is_dir():
+                    raise MPSearchError(f"the {fmt} export would replace the directory {f}")
+                os.replace(p, f)
+    except OSError as exc:
+        raise MPSearchError(f"cannot write {out}: {exc.strerror or exc}") from None
+    res.paths = final
+    return res
 
 
 def file_size(paths) -> int:

@@ -47,8 +47,10 @@ def module_pattern(module: str) -> str:
 
 
 def _linear_like_unquantized(plan: QuantizationPlan) -> list[str]:
-    """Modules whose weight the plan leaves unquantized and that are not normalizations (a heuristic:
-    the plan holds no module types for them)."""
+    """Quantizable modules the plan leaves in float: its ``float_layers``; for plans written before
+    they were recorded, unquantized weights that are not normalizations (a heuristic)."""
+    if plan.float_layers is not None:
+        return [n for n in plan.float_layers if n not in plan.layers]
     out = []
     for t in plan.unquantized:
         if not t.endswith(".weight"):

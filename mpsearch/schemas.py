@@ -1,0 +1,165 @@
+"""One schema per input file, checked at the edge: search spaces (YAML) and plans (JSON).
+
+Each violation becomes one line that names the file, the key path and what was expected,
+raised as the caller's ``MPSearchError`` subclass (exit code 2 from the CLI). Types are
+strict: ``include: "features.*"`` is not a list of regexes, ``clip_search: "yes"`` is not a
+boolean. The plan's JSON Schema (``plan_json_schema()``) is generated from the same model,
+for tools that import plans.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import MPSearchError
+
+Bits = int  # 1-16 or 32, checked by the space builder with a message of its own
+LAYER_KINDS = ("Linear", "Conv1d", "Conv2d", "Embedding")
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class QuantizerSpec(_Strict):
+    """How integer weights are stored; scales are float16 (what the quantizer rounds them to)."""
+
+    scheme: Literal["symmetric", "asymmetric"] = "symmetric"
+    granularity: Literal["per-channel", "per-group"] = "per-channel"
+    group_size: int | None = Field(default=None, ge=1)
+    clip_search: bool = False
+    scale_bits: Literal[16] = Field(default=16, description="scales are stored as float16")
+    zero_point_bits: int = Field(default=8, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _groups(self):
+        if self.granularity == "per-group" and self.group_size is None:
+            raise ValueError("per-group quantization needs group_size")
+        if self.granularity == "per-channel" and self.group_size is not None:
+            raise ValueError("group_size is only meaningful with granularity per-group")
+        return self
+
+
+class LimitSpec(_Strict):
+    min: int | None = None
+    max: int | None = None
+
+
+class SpaceSpec(_Strict):
+    """A search-space file; ``search_spaces/default.yaml`` documents every key."""
+
+    description: str | None = None
+    choices: list[Bits] = Field(default=[2, 3, 4, 5, 6, 8], min_length=1)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    types: list[Literal["Linear", "Conv1d", "Conv2d", "Embedding"]] | None = Field(default=None, min_length=1)
+    pin: dict[str, Bits] | None = None
+    tie: list[str | list[str]] | None = None
+    limits: dict[str, LimitSpec] | None = None
+    layer_choices: dict[str, list[Bits]] | None = None
+    quantizer: QuantizerSpec | None = None
+
+
+class PlanLayer(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    bits: int = Field(ge=1, le=16)
+    shape: list[int] = Field(min_length=1)
+    kind: str | None = None
+    n_params: int | None = Field(default=None, ge=0)
+    group_size: int | None = Field(default=None, ge=1)
+    aliases: list[str] | None = None
+    sensitivity: float | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v):
+        if any(d < 1 for d in v):
+            raise ValueError("every dimension must be a positive integer")
+        return v
+
+    @model_validator(mode="after")
+    def _count(self):
+        if self.n_params is not None and self.n_params != math.prod(self.shape):
+            raise ValueError(f"n_params {self.n_params} is not the product of shape {self.shape}")
+        return self
+
+
+class PlanModel(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str
+    fingerprint: str
+    n_params: int | None = Field(default=None, ge=0)
+
+
+class Predicted(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    size_bytes: int = Field(ge=0)
+    metric_name: str
+    metric: float | None  # null: not a finite number (e.g. sqnr of an exact model)
+    avg_bits: float | None = None
+    validation_metric: float | None = None
+
+
+class PlanDocument(BaseModel):
+    """``plan.json``, format ``mpsearch-plan``, version 1."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: Literal["mpsearch-plan"]
+    version: Literal[1]
+    model: PlanModel
+    quantizer: QuantizerSpec
+    layers: dict[str, PlanLayer]
+    unquantized: list[str]
+    float_layers: list[str] | None = None  # quantizable modules the plan leaves in float (v1 plans may lack it)
+    predicted: Predicted
+    provenance: dict[str, Any]
+
+
+def _where(loc: tuple) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or p.startswith("literal")))]
+    return ".".join(parts) or "(top level)"
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def one_line(exc: ValidationError, source: str) -> str:
+    """The first violation (a union's alternatives merged), as ``source: key.path: expected ..., got ...``."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = _where(first["loc"])
+    same = [e for e in errors if _where(e["loc"]) == where]
+    msgs = []
+    for e in same:
+        m = e["msg"].removeprefix("Value error, ")
+        if m not in msgs:
+            msgs.append(m)
+    if first["type"] == "extra_forbidden":
+        text = "unknown key"
+    elif first["type"] == "missing":
+        text = "missing"
+    else:
+        text = " or ".join(msgs) + (f", got {_got(first['input'])}" if "input" in first else "")
+    more = len({_where(e["loc"]) for e in errors}) - 1
+    return f"{source}: {where}: {text}" + (f" (and {more} more problem(s))" if more > 0 else "")
+
+
+def parse(model: type[BaseModel], data: Any, source: str, error: type[MPSearchError]):
+    """``data`` validated by ``model``, or ``error`` with one line."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise error(one_line(exc, source)) from None
+
+
+def plan_json_schema() -> dict:
+    return PlanDocument.model_json_schema()
