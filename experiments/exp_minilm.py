@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import re
 
-import numpy as np
 import pandas as pd
 
 from common import RESULTS, STRATEGIES, Timer, run, setup, write_table

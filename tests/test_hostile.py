@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
+
 
 import mpsearch
 from mpsearch.cli import main
-from mpsearch.errors import BudgetError, CandidateError, MPSearchError, PlanError
+from mpsearch.errors import BudgetError, CandidateError, PlanError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 TASKS = '''
-import torch
+
 from torch import nn
 from mpsearch import Task
 from mpsearch.tasks import digits

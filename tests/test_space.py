@@ -11,6 +11,7 @@ from torch import nn
 
 from mpsearch.errors import SpaceError
 from mpsearch.tasks.digits import load_model as load_digits_model
+from mpsearch.core import SearchSpace
 from mpsearch.model import build_space, load_space_file, space_from_spec
 
 

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import logging.config
 import threading
-from typing import Sequence
+
 
 import numpy as np
 
