@@ -21,7 +21,7 @@ from mpsearch.errors import BudgetError, CandidateError, PlanError
 ROOT = Path(__file__).resolve().parent.parent
 
 TASKS = '''
-
+import torch
 from torch import nn
 from mpsearch import Task
 from mpsearch.tasks import digits
