@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
-EXTRAS ?= test,minilm,export,postgres
+EXTRAS ?= test,minilm,export,postgres,llamacpp
 DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test results clean

@@ -65,7 +65,7 @@ def main(seeds: int, evals: list[int]) -> None:
         for c in agg.columns[2:]:
             agg[c] = agg[c].round(4)
         plot_front(OUT / "fronts.png", fronts, ev.full_precision_bytes, "accuracy", ev.reference_metric,
-                   uniform=[ev.evaluate(space.uniform(b)) for b in space.uniform_bits()],
+                   uniform=[ev.evaluate(space.uniform(b)) for b in space.uniform_choices()],
                    title=f"digits_small: exact front vs each strategy (seed 0, {max(evals)} evaluations)")
         _plot_ratio(agg, OUT / "hv_ratio.png")
     notes = (f"Space: search_spaces/digits_small.yaml, {space.cardinality} candidates; exact hypervolume "

@@ -49,8 +49,8 @@ def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int, ext
     with Timer() as total:
         task, space, ev = setup("minilm")
         ev.warm_cache()
-        uniforms = [space.uniform(b) for b in space.uniform_bits()]
-        rules = [q4km_style(space, b) for b in space.uniform_bits() if b <= 6]
+        uniforms = [space.uniform(b) for b in space.uniform_choices()]
+        rules = [q4km_style(space, b) for b in space.uniform_choices() if b <= 6]
         rows, fronts = [], {}
         plan = [("minilm.yaml", b, s, seed) for b in budgets
                 for s in (STRATEGIES if b == max(budgets) else extra_strategies)

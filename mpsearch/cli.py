@@ -251,7 +251,7 @@ def _final_report(s: dict, out: Path, plan) -> None:
                 (f"plan ({b['point']})", b["size_bytes"], b["avg_bits"], b["metric"], b["validation_metric"])]
         u = s.get("uniform_at_same_size")
         if u:
-            rows.append((f"uniform {u['bits']}-bit", u["size_bytes"], float(u["bits"]), u["metric"], u["validation_metric"]))
+            rows.append((f"uniform {u['choice']}", u["size_bytes"], u["avg_bits"], u["metric"], u["validation_metric"]))
         _say(f"  {'':<28}{'size MB':>10}{'avg bits':>10}{'ratio':>8}{name + ' cal':>16}{name + ' val':>16}")
         for label, size, bits, m, v in rows:
             _say(f"  {label:<28}{size / 1e6:>10.4f}{bits:>10.3f}{fp / size:>8.2f}{fmt_metric(m):>16}{fmt_metric(v):>16}")

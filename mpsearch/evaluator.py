@@ -14,14 +14,15 @@ from typing import Any, Sequence
 
 import torch
 
-from .core.qconfig import UNQUANTIZED_BITS
+from .core.qconfig import DATA_METHODS, UNQUANTIZED_BITS
 from .core.records import Evaluation
 from .core.sizes import SizeTable
-from .core.space import Candidate, SearchSpace
+from .core.space import Candidate, SearchSpace, as_choice
 from .errors import MPSearchError, TaskError
 from .metrics import Metric, get_metric
 from .model.walk import model_fingerprint
-from .quantize import fake_quantize, mse, sqnr_db
+from .quantize import PreparedCache, default_cache_dir, fake_quantize, mse, sqnr_db
+from .quantize.inputs import input_moments
 from .tasks.task import Task
 
 
@@ -57,7 +58,7 @@ class Evaluator:
     on exit. ``mpsearch.optimize`` does this for you.
     """
 
-    def __init__(self, task: Task, space: SearchSpace, activation_bits: int = 32):
+    def __init__(self, task: Task, space: SearchSpace, activation_bits: int = 32, cache_dir="default"):
         task.check()
         _check_finite_weights(task)
         if space.fingerprint and model_fingerprint(task.model) != space.fingerprint:
@@ -72,7 +73,12 @@ class Evaluator:
         named = dict(self.model.named_modules(remove_duplicate=False))
         self._params = {n: named[n].weight for n in space.layers}
         self._original = {n: p.data for n, p in self._params.items()}
-        self._qcache: dict[tuple[str, int], torch.Tensor] = {}
+        self._qcache: dict[tuple, torch.Tensor] = {}
+        self._groups = {n: getattr(named[n], "groups", 1) for n in space.layers}
+        self._moments: dict[str, torch.Tensor] | None = None
+        self.prepared = PreparedCache(default_cache_dir() if cache_dir == "default" else cache_dir)
+        self.prep_s = 0.0  # one-off preparation: inputs captured, weights quantized
+        self.prep_log: dict[tuple, float] = {}
         self._memo: dict[tuple[str, Candidate], Evaluation] = {}
         self.n_forward = 0  # forward passes over a split, for tests and benchmarks
         macs = self._count_macs()
@@ -147,29 +153,63 @@ class Evaluator:
         return {k: v // max(n, 1) for k, v in counts.items()}
 
     # ---- weights --------------------------------------------------------------------------
-    def quantized_weight(self, layer: str, bits: int) -> torch.Tensor:
-        if bits >= UNQUANTIZED_BITS:
+    def input_moments(self) -> dict[str, torch.Tensor]:
+        """H of every layer that some choice quantizes with a method that uses its inputs: captured once,
+        on the full-precision model (``quantize.inputs``)."""
+        if self._moments is None:
+            t0 = time.perf_counter()
+            wanted = {}
+            for name, spec in self.space.layers.items():
+                if any(self.space.setting(c).method in DATA_METHODS for c in spec.choices):
+                    wanted[name] = (name,) + spec.aliases
+            self.restore()
+            self._moments = input_moments(self.model, self.calibration, wanted, _call) if wanted else {}
+            self.prep_s += time.perf_counter() - t0
+        return self._moments
+
+    def quantized_weight(self, layer: str, choice) -> torch.Tensor:
+        """The weight the model computes with at ``choice``: prepared once per (layer, choice), timed apart
+        from evaluations (``prep_log``)."""
+        setting = self.space.setting(choice)
+        if setting.bits >= UNQUANTIZED_BITS:
             return self._original[layer]
-        key = (layer, bits)
+        key = (layer, choice)
         q = self._qcache.get(key)
         if q is None:
+            hessian = self.input_moments().get(layer) if setting.method in DATA_METHODS else None
+            t0 = time.perf_counter()
             with torch.no_grad():
-                q = fake_quantize(self._original[layer], bits, self.space.quantizer)
+                q = fake_quantize(self._original[layer], setting, self.space.quantizer, hessian, self._groups[layer],
+                                  self.prepared)
             self._qcache[key] = q
+            dt = time.perf_counter() - t0
+            self.prep_log[key] = dt
+            self.prep_s += dt
         return q
 
-    def layer_error(self, layer: str, bits: int) -> dict[str, float]:
-        w, q = self._original[layer], self.quantized_weight(layer, bits)
+    def layer_error(self, layer: str, choice) -> dict[str, float]:
+        w, q = self._original[layer], self.quantized_weight(layer, choice)
         return {"mse": mse(w, q), "sqnr_db": sqnr_db(w, q)}
 
-    def apply(self, candidate: Sequence[int]) -> None:
+    def prepare(self, progress: bool = False) -> None:
+        """Quantize every (layer, choice) of the space now instead of when a candidate first needs it."""
+        work = [(n, c) for d in self.space.decisions for n in d.layers for c in d.choices]
+        work += list(self.space.pinned.items())
+        if progress:
+            from tqdm.auto import tqdm
+
+            work = tqdm(work, desc="preparing quantized weights", unit="weight", leave=False)
+        for n, c in work:
+            self.quantized_weight(n, c)
+
+    def apply(self, candidate: Sequence) -> None:
         """Put the candidate's weights in the model, touching only layers that hold other weights.
 
         The check reads the parameter itself rather than a record of what was applied, so
         several evaluators (or a user) may share one model safely.
         """
-        for layer, bits in self.space.layer_bits(candidate).items():
-            self._swap(layer, self.quantized_weight(layer, bits))
+        for layer, choice in self.space.layer_choices(candidate).items():
+            self._swap(layer, self.quantized_weight(layer, choice))
 
     def restore(self) -> None:
         for layer in self._params:
@@ -180,15 +220,6 @@ class Evaluator:
         if p.data_ptr() != weight.data_ptr():
             p.data = weight
 
-    def warm_cache(self) -> None:
-        """Quantize every (layer, bits) of the space now instead of lazily."""
-        for d in self.space.decisions:
-            for n in d.layers:
-                for b in d.choices:
-                    self.quantized_weight(n, b)
-        for n, b in self.space.pinned.items():
-            self.quantized_weight(n, b)
-
     # ---- scoring ---------------------------------------------------------------------------
     def evaluate(self, candidate: Sequence[int], split: str = "calibration") -> Evaluation:
         cand = self.space.check_candidate(candidate)
@@ -196,6 +227,10 @@ class Evaluator:
         hit = self._memo.get(key)
         if hit is not None:
             return replace(hit, cached=True)
+        prep0 = self.prep_s
+        for layer, choice in self.space.layer_choices(cand).items():  # one-off work, timed apart
+            self.quantized_weight(layer, choice)
+        prep = self.prep_s - prep0
         t0 = time.perf_counter()
         error = None
         try:
@@ -208,7 +243,8 @@ class Evaluator:
             value, error = math.nan, f"{type(exc).__name__}: {exc}".strip()[:2000]
         wall = time.perf_counter() - t0
         size = self.sizes.size(cand)
-        ev = Evaluation(cand, size.size_bytes, size.avg_bits, value if error is None else math.nan, wall, error=error)
+        ev = Evaluation(cand, size.size_bytes, size.avg_bits, value if error is None else math.nan, wall, error=error,
+                        prep_s=prep)
         self._memo[key] = ev
         return ev
 
@@ -222,7 +258,7 @@ class Evaluator:
         return self._score(split, self._forward(batches))
 
     def is_memoized(self, candidate: Sequence[int], split: str = "calibration") -> bool:
-        return (split, tuple(int(b) for b in candidate)) in self._memo
+        return (split, tuple(as_choice(b) for b in candidate)) in self._memo
 
     def remember(self, ev: Evaluation, split: str = "calibration") -> None:
         """Seed the memo with a stored evaluation (resume), so it is never computed again."""

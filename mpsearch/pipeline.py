@@ -127,7 +127,7 @@ def best_within(records, budget: Budget) -> Evaluation | None:
 def widest_uniform_within(space: SearchSpace, sizes, max_bytes: int) -> Candidate | None:
     """The widest uniform candidate no larger than ``max_bytes`` (None when none fits)."""
     best = None
-    for b in space.uniform_bits():
+    for b in space.uniform_choices():
         c = space.uniform(b)
         if sizes.size_bytes(c) <= max_bytes:
             best = c
@@ -224,7 +224,7 @@ def _finish(result: SearchResult, evaluator, task_name: str) -> OptimizeResult:
     space, sizes = evaluator.space, evaluator.sizes
     n = result.n_evals
     baselines = [replace(evaluator.evaluate(space.uniform(b)), number=n + i, strategy="uniform-baseline",
-                         seed=result.seed) for i, b in enumerate(space.uniform_bits())]
+                         seed=result.seed) for i, b in enumerate(space.uniform_choices())]
     out = OptimizeResult(result, task_name, space, evaluator.reference_validation_metric, baselines)
     # chosen among everything the run evaluated, so no point it printed beats the plan
     if result.budget is not None:
@@ -240,11 +240,12 @@ def _finish(result: SearchResult, evaluator, task_name: str) -> OptimizeResult:
         provenance={"strategy": result.strategy, "seed": result.seed, "n_evals": result.n_evals, "point": out.point,
                     "chosen_from": chosen.strategy})
     if chosen.strategy == "uniform-baseline" and result.budget is not None:
-        out.warnings.append(f"uniform {chosen.candidate[0]}-bit quantization is at least as good as every candidate "
+        out.warnings.append(f"uniform {space.describe(chosen.candidate[0])} quantization is at least as good as every candidate "
                             f"{result.strategy} evaluated within the budget: the plan is that baseline")
     uc = widest_uniform_within(space, sizes, chosen.size_bytes)
     if uc is not None:
         u = evaluator.evaluate(uc)
-        out.uniform_at_same_size = {"bits": uc[0], "size_bytes": u.size_bytes, "metric": u.metric,
+        out.uniform_at_same_size = {"choice": space.describe(uc[0]), "bits": space.setting(uc[0]).bits, "size_bytes": u.size_bytes,
+                                    "avg_bits": u.avg_bits, "metric": u.metric,
                                     "validation_metric": evaluator.validation_metric(uc)}
     return out

@@ -1,8 +1,12 @@
-"""QuantizationPlan: the per-layer bit-widths a search chose, as versioned plain JSON.
+"""QuantizationPlan: the per-layer settings a search chose, as versioned plain JSON.
 
-A plan is what users carry to deployment tools, so it is self-describing (quantizer
-settings, every quantized layer, every tensor left alone, predicted size and quality,
-provenance) and refuses to be applied to a model it was not made for.
+A plan is what users carry to deployment tools, so it is self-describing (the storage layout,
+every quantized layer with its bits, method, sparsity and grid, every tensor left alone, predicted
+size and quality, provenance) and refuses to be applied to a model it was not made for.
+
+Version 2 records a method, a sparsity and a grid per layer. Version 1 plans (bits only) still
+load and apply exactly as they did: their layers are round-to-nearest (or the MSE clipping search
+when their quantizer said ``clip_search``) on the narrow grid that version used.
 """
 from __future__ import annotations
 
@@ -17,18 +21,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .core.qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig
+from .core.qconfig import DATA_METHODS, FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, Setting
 from .core.sizes import SizeTable, layer_bytes
 from .core.space import LayerSpec, SearchSpace
 from .errors import PlanError
-from .schemas import PlanDocument, parse
+from .schemas import PlanDocument, PlanDocumentV1, parse
 from .files import finite_json, json_text, read_text, write_atomic
 from .model.fold import fold_batchnorm
 from .model.walk import build_space, model_fingerprint
 from .quantize import fake_quantize
 
 PLAN_FORMAT = "mpsearch-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass
@@ -57,15 +61,15 @@ class QuantizationPlan:
         layers: dict[str, dict] = {}
         unquantized = list(sizes.unquantized_tensors)
         float_layers = list(space.excluded)
-        chosen = space.layer_bits(candidate)
-        for name, spec in space.layers.items():  # network order
-            bits = chosen[name]
-            if bits >= UNQUANTIZED_BITS:
+        for name, x in space.layer_settings(candidate).items():  # network order
+            spec = space.layers[name]
+            if x.bits >= UNQUANTIZED_BITS:
                 unquantized.append(spec.weight_name)
                 float_layers.append(name)
                 continue
-            entry = {"bits": int(bits), "kind": spec.kind, "shape": list(spec.shape), "n_params": spec.n_params}
-            if space.quantizer.granularity == "per-group" and bits < FLOAT16_BITS:
+            entry = {"bits": x.bits, "method": x.method if x.quantized else "float16", "sparsity": x.sparsity,
+                     "grid": space.quantizer.grid, "kind": spec.kind, "shape": list(spec.shape), "n_params": spec.n_params}
+            if space.quantizer.granularity == "per-group" and x.quantized:
                 entry["group_size"] = space.quantizer.group_size
             if spec.aliases:
                 entry["aliases"] = list(spec.aliases)
@@ -75,6 +79,7 @@ class QuantizationPlan:
         predicted = {
             "size_bytes": size.size_bytes,
             "avg_bits": round(size.avg_bits, 6),
+            "weight_bits": round(sizes.weight_bits(candidate), 6),
             "compression_ratio": round(size.compression_ratio, 6),
             "full_precision_bytes": sizes.full_precision_bytes,
             "bops_per_sample": sizes.bops(candidate),
@@ -121,8 +126,12 @@ class QuantizationPlan:
             raise PlanError(f"{source}: a plan must be a JSON object")
         if d.get("format") != PLAN_FORMAT:
             raise PlanError(f"{source}: not an mpsearch plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
-        if d.get("version") != PLAN_VERSION:
-            raise PlanError(f"{source}: unsupported plan version {d.get('version')!r} (this mpsearch reads version {PLAN_VERSION})")
+        if d.get("version") not in (1, PLAN_VERSION):
+            raise PlanError(f"{source}: unsupported plan version {d.get('version')!r} (this mpsearch reads versions 1 "
+                            f"and {PLAN_VERSION})")
+        if d["version"] == 1:
+            parse(PlanDocumentV1, d, source, PlanError)
+            d = upgrade_v1(d)
         parse(PlanDocument, d, source, PlanError)
         layers = {n: {**e, "n_params": math.prod(e["shape"])} for n, e in d["layers"].items()}  # derivable: filled in
         return cls(d["model"], d["quantizer"], layers, d["unquantized"], d["predicted"], d["provenance"],
@@ -145,14 +154,27 @@ class QuantizationPlan:
 
     # ---- use -----------------------------------------------------------------------------
     def quantizer_config(self, layer: str | None = None) -> QuantizerConfig:
-        cfg = QuantizerConfig.from_dict(self.quantizer)
-        g = self.layers.get(layer, {}).get("group_size") if layer else None
+        cfg = QuantizerConfig(**self.quantizer)
+        entry = self.layers.get(layer, {}) if layer else {}
+        g = entry.get("group_size")
         if g is not None and g != cfg.group_size:
             cfg = replace(cfg, granularity="per-group", group_size=g)
+        if entry.get("grid", cfg.grid) != cfg.grid:
+            cfg = replace(cfg, grid=entry["grid"])
         return cfg
+
+    def setting(self, layer: str) -> Setting:
+        e = self.layers[layer]
+        if e["bits"] >= FLOAT16_BITS:
+            return Setting(e["bits"])
+        return Setting(e["bits"], e.get("method", "rtn"), e.get("sparsity", 0.0))
 
     def bits(self) -> dict[str, int]:
         return {n: int(e["bits"]) for n, e in self.layers.items()}
+
+    def needs_data(self) -> bool:
+        """Whether some layer's integers depend on the calibration inputs (gptq, gradient)."""
+        return any(self.setting(n).method in DATA_METHODS for n in self.layers)
 
     def check_model(self, model: nn.Module) -> None:
         fp = model_fingerprint(model)
@@ -167,46 +189,91 @@ class QuantizationPlan:
                 raise PlanError(f"plan names layer {name!r}, which the model does not have")
 
 
-def apply(plan: QuantizationPlan, model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """The model with its weights fake-quantized as the plan says: a copy, or ``model`` itself with ``inplace``.
+def upgrade_v1(d: dict) -> dict:
+    """A version 1 plan as version 2: the same arithmetic, spelled out per layer."""
+    q = dict(d["quantizer"])
+    method = "mse-clip" if q.pop("clip_search", False) else "rtn"
+    q["grid"] = "narrow"
+    layers = {n: {**e, "method": method if e["bits"] < FLOAT16_BITS else "float16", "sparsity": 0.0, "grid": "narrow"}
+              for n, e in d["layers"].items()}
+    return {**d, "version": PLAN_VERSION, "quantizer": q, "layers": layers}
 
-    A model with BatchNorm after convolutions is folded first (as it was when the plan was searched),
-    which makes a copy: ``inplace`` is refused for it."""
-    folded, bns = fold_batchnorm(model)
+
+def plan_weights(plan: QuantizationPlan, task_or_model) -> dict:
+    """``{layer: QuantizedWeight or float tensor}``: the integers of every planned layer, computed as the
+    search computed them (methods that use calibration inputs need the task, not only its model)."""
+    from .evaluator import _call
+    from .quantize import quantize
+    from .quantize.inputs import input_moments
+    from .tasks.task import Task
+
+    task = task_or_model if isinstance(task_or_model, Task) else None
+    model = task.model if task is not None else task_or_model
+    plan.check_model(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    moments = {}
+    if plan.needs_data():
+        if task is None:
+            raise PlanError("this plan quantizes with gptq or gradient, whose integers depend on the calibration "
+                            "data: pass the task, not only its model")
+        wanted = {n: (n, *e.get("aliases", ())) for n, e in plan.layers.items()
+                  if plan.setting(n).method in DATA_METHODS}
+        moments = input_moments(model, task.calibration, wanted, _call)
+    out = {}
+    for name in plan.layers:
+        x, w = plan.setting(name), modules[name].weight.detach()
+        if not x.quantized:
+            out[name] = w.to(torch.float16).to(w.dtype)
+            continue
+        out[name] = quantize(w, x, plan.quantizer_config(name), moments.get(name), getattr(modules[name], "groups", 1))
+    return out
+
+
+def apply(plan: QuantizationPlan, model, *, inplace: bool = False) -> nn.Module:
+    """The model with its weights fake-quantized as the plan says: a copy, or the model itself with ``inplace``.
+
+    ``model`` may be a task (needed when a layer uses gptq or gradient). A model with BatchNorm after
+    convolutions is folded first (as it was when the plan was searched), which makes a copy:
+    ``inplace`` is refused for it."""
+    from .tasks.task import Task
+
+    target = model.model if isinstance(model, Task) else model
+    folded, bns = fold_batchnorm(target)
     if bns and inplace:
         raise PlanError("this model folds BatchNorm into its convolutions before quantization, which makes a copy; "
                         "apply the plan with inplace=False")
     plan.check_model(folded)
-    model = folded if bns else (model if inplace else copy.deepcopy(model))
-    modules = dict(model.named_modules(remove_duplicate=False))
+    weights = plan_weights(plan, replace(model, model=folded) if isinstance(model, Task) else folded)
+    target = folded if bns else (target if inplace else copy.deepcopy(target))
+    modules = dict(target.named_modules(remove_duplicate=False))
     with torch.no_grad():
-        for name, entry in plan.layers.items():
+        for name, q in weights.items():
             w = modules[name].weight
-            w.data = fake_quantize(w.data, int(entry["bits"]), plan.quantizer_config(name))
-    return model
+            w.data = q if isinstance(q, torch.Tensor) else q.dequantize(w.dtype)
+    return target
 
 
 def layer_table(plan: QuantizationPlan) -> list[dict]:
-    """One row per quantized layer: name, kind, parameters, bits, bytes (with scales), sensitivity."""
+    """One row per quantized layer: name, kind, parameters, bits, method, sparsity, bytes (with scales), sensitivity."""
     rows = []
     for name, e in plan.layers.items():
         spec = LayerSpec(name, e.get("kind", "?"), f"{name}.weight", tuple(e["shape"]), (e["bits"],))
+        x = plan.setting(name)
         rows.append({"layer": name, "kind": e.get("kind", ""), "params": spec.n_params, "bits": e["bits"],
-                     "bytes": layer_bytes(spec, e["bits"], plan.quantizer_config(name)),
-                     "sensitivity": e.get("sensitivity")})
+                     "method": e.get("method", ""), "sparsity": e.get("sparsity", 0.0),
+                     "bytes": layer_bytes(spec, x, plan.quantizer_config(name)), "sensitivity": e.get("sensitivity")})
     return rows
 
 
 def pinned_space(plan: QuantizationPlan, model: nn.Module) -> SearchSpace:
-    """A space with no decisions, every planned layer pinned: its size model measures the plan."""
+    """A space with no decisions, every planned layer pinned to its setting: it measures the plan."""
     plan.check_model(model)
-    cfg = QuantizerConfig.from_dict(plan.quantizer)
+    cfg = QuantizerConfig(**plan.quantizer)
     names = list(plan.layers)
-    pins = {re.escape(n): int(e["bits"]) for n, e in plan.layers.items()}
-    layer_choices = {re.escape(n): [int(e["bits"])] for n, e in plan.layers.items()}
+    pins = {re.escape(n): plan.setting(n).label() for n in names}
     return build_space(model, choices=sorted({int(e["bits"]) for e in plan.layers.values()}) or [8],
-                                  include=[re.escape(n) for n in names], pin=pins, layer_choices=layer_choices,
-                                  quantizer=cfg, model_name=plan.model.get("name", "model"))
+                       include=[re.escape(n) for n in names], pin=pins, quantizer=cfg,
+                       model_name=plan.model.get("name", "model"))
 
 
 def verify(plan: QuantizationPlan, task) -> dict:
@@ -221,17 +288,16 @@ def verify(plan: QuantizationPlan, task) -> dict:
         raise PlanError(f"the plan predicts {plan.predicted['size_bytes']:,} bytes, but applied to this model it makes "
                         f"{size.size_bytes:,}" + (f": tensor(s) {', '.join(loose[:5])} are neither planned nor listed "
                                                   "as unquantized" if loose else ""))
-    with Evaluator(task, space) as evaluator:  # reference outputs from the full-precision model, before apply
-        apply(plan, task.model, inplace=True)
-        metric = evaluator.score_model("validation")
-        calibration = evaluator.score_model("calibration")
+    with Evaluator(task, space) as evaluator:  # scores the pinned layers exactly as a search would
+        metric = evaluator.evaluate((), "validation").metric
+        calibration = evaluator.evaluate((), "calibration").metric
     pred = plan.predicted
     return {
         "model": plan.model.get("name"),
         "size_bytes": size.size_bytes,
         "avg_bits": round(size.avg_bits, 6),
         "compression_ratio": round(size.compression_ratio, 6),
-        "metric_name": evaluator.metric.name,
+        "metric_name": evaluator.metric_name,
         "metric": metric,
         "calibration_metric": calibration,
         "reference_metric": evaluator.reference_validation_metric,

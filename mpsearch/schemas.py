@@ -24,15 +24,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+Method = Literal["rtn", "mse-clip", "gradient", "gptq"]
+
+
 class QuantizerSpec(_Strict):
     """How integer weights are stored; scales are float16 (what the quantizer rounds them to)."""
 
     scheme: Literal["symmetric", "asymmetric"] = "symmetric"
     granularity: Literal["per-channel", "per-group"] = "per-channel"
     group_size: int | None = Field(default=None, ge=1)
-    clip_search: bool = False
     scale_bits: Literal[16] = Field(default=16, description="scales are stored as float16")
     zero_point_bits: int = Field(default=8, ge=1, le=16)
+    grid: Literal["full", "narrow"] = "full"
+
+
+class SpaceQuantizerSpec(QuantizerSpec):
+    """A space file's quantizer: the storage layout, and the method of every layer when ``methods`` is absent
+    (``clip_search: true`` is the older spelling of ``method: mse-clip``)."""
+
+    method: Method | None = None
+    clip_search: bool = False
 
     @model_validator(mode="after")
     def _groups(self):
@@ -56,17 +67,29 @@ class SpaceSpec(_Strict):
     include: list[str] | None = None
     exclude: list[str] | None = None
     types: list[Literal["Linear", "Conv1d", "Conv2d", "Embedding"]] | None = Field(default=None, min_length=1)
-    pin: dict[str, Bits] | None = None
+    pin: dict[str, Bits | str] | None = None
     tie: list[str | list[str]] | None = None
     limits: dict[str, LimitSpec] | None = None
     layer_choices: dict[str, list[Bits]] | None = None
-    quantizer: QuantizerSpec | None = None
+    methods: list[Method] | None = Field(default=None, min_length=1)
+    sparsity: list[float | Literal["2:4"]] | None = Field(default=None, min_length=1)
+    quantizer: SpaceQuantizerSpec | None = None
+
+    @field_validator("sparsity")
+    @classmethod
+    def _shares(cls, v):
+        if v is not None and any(not isinstance(x, str) and not 0.0 <= x < 1.0 for x in v):
+            raise ValueError("each sparsity is a share in [0, 1) or \"2:4\"")
+        return None if v is None else [x if isinstance(x, str) else float(x) for x in v]
 
 
 class PlanLayer(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     bits: int = Field(ge=1, le=16)
+    method: Method | Literal["float16"] = "rtn"
+    sparsity: float | Literal["2:4"] = 0.0
+    grid: Literal["full", "narrow"] = "full"
     shape: list[int] = Field(min_length=1)
     kind: str | None = None
     n_params: int | None = Field(default=None, ge=0)
@@ -85,6 +108,8 @@ class PlanLayer(BaseModel):
     def _count(self):
         if self.n_params is not None and self.n_params != math.prod(self.shape):
             raise ValueError(f"n_params {self.n_params} is not the product of shape {self.shape}")
+        if not isinstance(self.sparsity, str) and not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity {self.sparsity} is not a share in [0, 1) or \"2:4\"")
         return self
 
 
@@ -107,12 +132,12 @@ class Predicted(BaseModel):
 
 
 class PlanDocument(BaseModel):
-    """``plan.json``, format ``mpsearch-plan``, version 1."""
+    """``plan.json``, format ``mpsearch-plan``, version 2: per layer bits, method, sparsity and grid."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     format: Literal["mpsearch-plan"]
-    version: Literal[1]
+    version: Literal[2]
     model: PlanModel
     quantizer: QuantizerSpec
     layers: dict[str, PlanLayer]
@@ -120,6 +145,22 @@ class PlanDocument(BaseModel):
     float_layers: list[str] | None = None  # quantizable modules the plan leaves in float (v1 plans may lack it)
     predicted: Predicted
     provenance: dict[str, Any]
+
+
+class QuantizerSpecV1(_Strict):
+    scheme: Literal["symmetric", "asymmetric"] = "symmetric"
+    granularity: Literal["per-channel", "per-group"] = "per-channel"
+    group_size: int | None = Field(default=None, ge=1)
+    clip_search: bool = False
+    scale_bits: Literal[16] = 16
+    zero_point_bits: int = Field(default=8, ge=1, le=16)
+
+
+class PlanDocumentV1(PlanDocument):
+    """Version 1: bits per layer; round to nearest (or the clipping search) on the narrow grid."""
+
+    version: Literal[1]
+    quantizer: QuantizerSpecV1
 
 
 def _where(loc: tuple) -> str:

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from .errors import StorageError
 from .core.records import Evaluation
-from .core.space import SearchSpace
+from .core.space import SearchSpace, as_choice
 
 DIRECTIONS = ["minimize", "maximize"]  # size_bytes, metric
 
@@ -107,7 +107,7 @@ class TrialStore:
             if t.state == TrialState.FAIL and "error" not in t.user_attrs:
                 continue  # failed by the machinery (a dead worker, a cancelled trial), not by its evaluation
             try:
-                cand = tuple(int(t.params[d.name]) for d in self.space.decisions)
+                cand = tuple(as_choice(t.params[d.name]) for d in self.space.decisions)
             except KeyError:
                 continue
             out.append(record_of(t, cand))
@@ -125,7 +125,7 @@ class TrialStore:
         frozen = []
         for r in trials:
             frozen.append(optuna.trial.create_trial(
-                params={d.name: int(b) for d, b in zip(self.space.decisions, r.candidate)},
+                params={d.name: as_choice(b) for d, b in zip(self.space.decisions, r.candidate)},
                 distributions=self.distributions,
                 values=[float(r.size_bytes), float(r.metric)] if r.ok else None,
                 state=TrialState.COMPLETE if r.ok else TrialState.FAIL,

@@ -48,7 +48,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .core.records import Evaluation
-from .core.space import Candidate
+from .core.space import Candidate, as_choice
 from .errors import MPSearchError, StorageError
 from .optuna_rdb import TrialLost, complete, frozen_trial_id, swap_state
 from .storage import _engine_kwargs, _redact, open_storage, quiet_optuna, record_of, trial_attrs
@@ -104,7 +104,7 @@ def _fixed_candidate(trial, names: Sequence[str]) -> Candidate | None:
     if not isinstance(fp, dict):
         return None
     try:
-        return tuple(int(fp[n]) for n in names)
+        return tuple(as_choice(fp[n]) for n in names)
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -169,7 +169,7 @@ class QueueExecutor:
         if not candidates:
             return
         t_start = time.perf_counter()
-        todo = [tuple(int(b) for b in c) for c in candidates]
+        todo = [tuple(as_choice(b) for b in c) for c in candidates]
         want = set(todo)
         # Adopt a live trial of the same candidate (left by an earlier driver) instead of queueing it twice.
         trials = self.study.get_trials(deepcopy=False)

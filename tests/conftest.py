@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# prepared weights (gptq, gradient) are cached on disk: the tests use a folder of their own, not the user's
+os.environ.setdefault("MPSEARCH_CACHE_DIR", tempfile.mkdtemp(prefix="mpsearch-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mpsearch.core import SizeTable, layer_bytes
+from mpsearch.core.qconfig import Setting
 from mpsearch.tasks.digits import load_model as load_digits_model
 from mpsearch.core import QuantizerConfig
 from mpsearch.model import build_space
@@ -103,9 +104,9 @@ def test_layer_bytes_directly():
     space = build_space(OneLinear(7, 3, bias=False), [2])
     layer = space.layers["fc"]
     cfg = QuantizerConfig()
-    assert layer_bytes(layer, 2, cfg) == ceil8(21 * 2) + 3 * 2 == 12
-    assert layer_bytes(layer, 16, cfg) == 42
-    assert layer_bytes(layer, 32, cfg) == 84
+    assert layer_bytes(layer, Setting(2), cfg) == ceil8(21 * 2) + 3 * 2 == 12
+    assert layer_bytes(layer, Setting(16), cfg) == 42
+    assert layer_bytes(layer, Setting(32), cfg) == 84
 
 
 def test_packing_is_one_bitstream_per_tensor_not_per_row():
@@ -222,15 +223,17 @@ def test_tied_weight_counted_once_when_only_the_linear_is_searched():
 
 
 # ---- average bits and compression ratio ------------------------------------------------------
-def test_avg_bits_is_the_weighted_mean_over_searched_weights(digits_space):
+def test_avg_bits_count_every_stored_bit_weight_bits_the_weights_alone(digits_space):
     sm = SizeTable(digits_space)
     n = [o * i for o, i in DIGITS_WEIGHTS.values()]
+    scale_bits = 16 * sum(o for o, _ in DIGITS_WEIGHTS.values())  # one float16 scale per output channel
     for bits in (2, 3, 4, 5, 6, 8):
-        assert sm.avg_bits(digits_space.uniform(bits)) == pytest.approx(bits)
+        assert sm.avg_bits(digits_space.uniform(bits)) == pytest.approx(bits + scale_bits / sum(n))
+        assert sm.weight_bits(digits_space.uniform(bits)) == pytest.approx(bits)
     cand = (2, 8, 3, 4, 6, 5)
-    expected = sum(k * b for k, b in zip(n, cand)) / sum(n)
+    expected = (sum(k * b for k, b in zip(n, cand)) + scale_bits) / sum(n)
     assert sm.avg_bits(cand) == pytest.approx(expected)
-    assert sm.min_avg_bits() == pytest.approx(2.0)
+    assert sm.min_avg_bits() == pytest.approx(2.0 + scale_bits / sum(n))
 
 
 def test_avg_bits_with_pinned_and_float16_layers():
@@ -238,8 +241,11 @@ def test_avg_bits_with_pinned_and_float16_layers():
     space = build_space(model, [2, 4, 16], pin={r"classifier\.1": 16, r"features\.0": 2})
     sm = SizeTable(space)
     cand = (4, 4, 2, 16)  # features.2, features.5, classifier.3, classifier.5
-    expected = (144 * 2 + 4608 * 4 + 9216 * 4 + 16384 * 16 + 8192 * 2 + 640 * 16) / (144 + 4608 + 9216 + 16384 + 8192 + 640)
-    assert sm.avg_bits(cand) == pytest.approx(expected)
+    weights = 144 * 2 + 4608 * 4 + 9216 * 4 + 16384 * 16 + 8192 * 2 + 640 * 16
+    scales = 16 * (16 + 32 + 32 + 64)  # integer layers only: float16 layers store no scales
+    count = 144 + 4608 + 9216 + 16384 + 8192 + 640
+    assert sm.avg_bits(cand) == pytest.approx((weights + scales) / count)
+    assert sm.weight_bits(cand) == pytest.approx(weights / count)
 
 
 def test_avg_bits_all_unquantized_is_32():

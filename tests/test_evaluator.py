@@ -26,7 +26,7 @@ def _naive_outputs(model, space, candidate, batches):
     m = copy.deepcopy(model)
     named = dict(m.named_modules())
     with torch.no_grad():
-        for layer, bits in space.layer_bits(candidate).items():
+        for layer, bits in space.layer_choices(candidate).items():
             w = named[layer].weight
             w.copy_(quantize_weight(w.detach().clone(), bits, space.quantizer))
     with torch.inference_mode():
@@ -139,7 +139,7 @@ def test_remember_seeds_the_memo(digits_small_evaluator):
 # ---- the quantized-weight cache ------------------------------------------------------------
 def test_warm_cache_then_new_candidates_quantize_nothing(digits_small_evaluator, monkeypatch):
     ev = digits_small_evaluator
-    ev.warm_cache()
+    ev.prepare()
     for d in ev.space.decisions:
         for n in d.layers:
             for b in d.choices:

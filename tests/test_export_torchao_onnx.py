@@ -11,6 +11,7 @@ import torch
 from mpsearch.errors import MPSearchError
 from mpsearch.exporters import export
 from mpsearch.exporters.onnxruntime import container
+from mpsearch.core.qconfig import Setting
 from mpsearch.quantize import quantize
 from mpsearch.plan import QuantizationPlan
 from mpsearch.core import QuantizerConfig
@@ -98,21 +99,22 @@ def _predicted(plan):
 
 
 # ---- the plan's integers, shared by both exporters -----------------------------------------------------
-@pytest.mark.parametrize("cfg", [
-    QuantizerConfig(),
-    QuantizerConfig(scheme="asymmetric"),
-    QuantizerConfig(granularity="per-group", group_size=16),
-    QuantizerConfig(scheme="asymmetric", granularity="per-group", group_size=32, clip_search=True),
-    QuantizerConfig(clip_search=True),
+@pytest.mark.parametrize("cfg,method", [
+    (QuantizerConfig(), "rtn"),
+    (QuantizerConfig(grid="narrow"), "rtn"),
+    (QuantizerConfig(scheme="asymmetric"), "rtn"),
+    (QuantizerConfig(granularity="per-group", group_size=16), "rtn"),
+    (QuantizerConfig(scheme="asymmetric", granularity="per-group", group_size=32), "mse-clip"),
+    (QuantizerConfig(), "mse-clip"),
 ])
-def test_quantized_integers_reproduce_the_weights(fresh_digits, cfg):
+def test_quantized_integers_reproduce_the_weights(fresh_digits, cfg, method):
     """The codes, scales and zero-points exporters write dequantize, by the runtime's formula, to what was scored."""
     for name, p in fresh_digits.model.named_parameters():
         if not name.endswith("weight"):
             continue
         choices = (1, 2, 3, 5, 8) if cfg.scheme == "symmetric" else (2, 3, 8)
-        for bits in choices if not cfg.clip_search else (3, 8):
-            qw = quantize(p, bits, cfg)
+        for bits in choices if method == "rtn" else (3, 8):
+            qw = quantize(p, Setting(bits, method), cfg)
             q, scale = qw.codes, qw.scales
             zp = torch.zeros_like(scale, dtype=torch.int32) if qw.zero_points is None else qw.zero_points
             if cfg.scheme == "symmetric" and bits > 1:
@@ -122,7 +124,7 @@ def test_quantized_integers_reproduce_the_weights(fresh_digits, cfg):
             g = q.shape[1] if cfg.granularity == "per-channel" else cfg.group_size
             zp_w, scale_w = (t.repeat_interleave(g, 1)[:, : q.shape[1]] for t in (zp, scale))
             deq = ((q - zp_w).float() * scale_w).reshape(p.shape)
-            assert torch.equal(deq, quantize_weight(p, bits, cfg)), (name, bits)
+            assert torch.equal(deq, quantize_weight(p, Setting(bits, method), cfg)), (name, bits)
 
 
 def test_containers():
@@ -157,11 +159,15 @@ def test_torchao_digits(digits_plan, digits_evaluator, fresh_digits):
     _check_torchao_weights(exact, digits_plan)
     assert abs(_score(digits_evaluator, _outputs(exact, digits_evaluator.validation)) - pred) <= DIGITS_TOL
 
-    # torchao's own scales through quantize_(FqnToConfig): at 2-3 bits it also uses the level -2^(b-1),
-    # which mpsearch's symmetric grid leaves out, so it may only be better than the plan predicts
+    # torchao's own quantizer through quantize_(FqnToConfig) computes exactly the plan's integers and scales:
+    # mpsearch's full grid rounds as torchao's MappingType.SYMMETRIC does
     own = quantize_with_torchao(digits_plan, copy.deepcopy(fresh_digits.model), qparams="torchao")
     _check_torchao_weights(own, digits_plan)
-    assert _score(digits_evaluator, _outputs(own, digits_evaluator.validation)) >= pred - DIGITS_TOL
+    for name in ("classifier.1", "classifier.3", "classifier.5"):
+        a, b = dict(own.named_modules())[name].weight, dict(exact.named_modules())[name].weight
+        assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale), name
+        assert torch.equal(a.dequantize(), b.dequantize()), name
+    assert abs(_score(digits_evaluator, _outputs(own, digits_evaluator.validation)) - pred) <= 1e-9
 
     # the serialised config is what quantize_ applied
     cfg = config_from_dict(json.loads(json.dumps(config_to_dict(torchao_config(digits_plan)))))
@@ -258,21 +264,27 @@ def test_onnxruntime_digits(digits_plan, digits_evaluator, fresh_digits, tmp_pat
     assert abs(acc - _predicted(digits_plan)) <= DIGITS_TOL
 
 
-def test_onnxruntime_per_group_asymmetric_is_exact(fresh_digits, tmp_path):
-    """Ragged groups (blocked DequantizeLinear), UINT containers, 16-bit Cast: ORT computes the plan's weights."""
+@pytest.mark.parametrize("quantizer,extra,containers", [
+    ({"scheme": "asymmetric", "granularity": "per-group", "group_size": 16, "method": "mse-clip"}, {},
+     {"UINT4", "UINT8", "FLOAT16"}),
+    ({"method": "gptq"}, {"sparsity": [0.5]}, {"INT4", "INT8", "FLOAT16"}),
+    ({"scheme": "asymmetric", "method": "gradient"}, {"sparsity": ["2:4"]}, {"UINT4", "UINT8", "FLOAT16"}),
+])
+def test_onnxruntime_runs_the_plans_integers(fresh_digits, tmp_path, quantizer, extra, containers):
+    """Ragged groups (blocked DequantizeLinear), UINT containers, 16-bit Cast, gptq and gradient integers with
+    pruned weights: ORT computes the weights the evaluator scored."""
     from mpsearch.evaluator import Evaluator
     from mpsearch.exporters.onnxruntime import run_onnx, session
     from mpsearch.model import build_space
 
     task = _task_copy(fresh_digits)
-    space = build_space(task.model, choices=[3, 5, 16], model_name="digits",
-                        quantizer=QuantizerConfig("asymmetric", "per-group", 16, clip_search=True))
+    space = build_space(task.model, choices=[3, 5, 16], model_name="digits", quantizer=quantizer, **extra)
     ev = Evaluator(task, space)
-    cand = (3, 5, 16, 3, 5, 3)
+    cand = tuple(d.choices[i % d.n_choices] for i, d in enumerate(space.decisions))
     plan = _plan(space, ev, cand)
     path = tmp_path / "grouped.onnx"
     res = export(plan, "onnxruntime", path, _task_copy(fresh_digits))
-    assert {d["container"] for d in res.details["initializers"].values()} == {"UINT4", "UINT8", "FLOAT16"}
+    assert {d["container"] for d in res.details["initializers"].values()} == containers
     ev.apply(cand)
     torch_out = _outputs(ev.model, ev.validation)
     ev.restore()

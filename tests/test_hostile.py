@@ -388,7 +388,7 @@ def test_a_baseline_that_beats_the_strategy_becomes_the_plan():
 
     obj = SyntheticObjective(synthetic_space(6, (2, 3, 4, 8)))
     with pytest.warns(mpsearch.errors.MPSearchWarning, match="uniform 3-bit"):
-        res = mpsearch.optimize(None, evaluator=obj, strategy=Poor(), budget=mpsearch.Budget(max_avg_bits=3.0),
+        res = mpsearch.optimize(None, evaluator=obj, strategy=Poor(), budget=mpsearch.Budget(max_avg_bits=3.6),
                                 max_evals=5)
     assert res.best().strategy == "uniform-baseline" and res.best().candidate == (3,) * 6
     assert res.plan().provenance["chosen_from"] == "uniform-baseline"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mpsearch
-from mpsearch.core import Budget, Evaluation, ParetoFront, pareto_front
+from mpsearch.core import Budget, Evaluation, ParetoFront, SizeTable, pareto_front
 from mpsearch.core.synthetic import SyntheticObjective, synthetic_space
 from mpsearch.errors import MPSearchError, StorageError
 from mpsearch.search import MAX_STALLS, Termination, search
@@ -139,7 +139,7 @@ def test_optimize_end_to_end_leaves_the_model_as_it_was(digits):
     plan = res.plan()
     assert plan.predicted["size_bytes"] == best.size_bytes
     assert plan.predicted["validation_metric"] == res.chosen_validation_metric
-    assert {u.avg_bits for u in res.baselines} == {2.0, 3.0, 4.0, 5.0, 6.0, 8.0}
+    assert [round(u.avg_bits - b, 6) for u, b in zip(res.baselines, (2, 3, 4, 5, 6, 8))] == [0.115149] * 6  # scales
     s = res.summary()
     assert s["best"]["point"] == "best within budget" and s["n_evals"] == res.search.n_evals
     # without a budget: the knee of the front is chosen
@@ -181,13 +181,15 @@ def test_bad_seed_is_refused(digits, seed):
 
 
 def test_a_bayes_search_stops_when_the_feasible_set_is_exhausted(digits):
-    """729 candidates, 80 of them within 3 average bits: the run ends after those 80 (it used to spin)."""
+    """729 candidates, 68 of them within 3 average bits: the run ends after those 68 (it used to spin)."""
     space = {"choices": [2, 4, 8], "quantizer": {"scheme": "symmetric", "granularity": "per-channel"}}
     res = mpsearch.optimize(digits, space=space, strategy="bayes", budget=mpsearch.Budget(max_avg_bits=3.0),
                             max_evals=300)
     r = res.search
+    budget = mpsearch.Budget(max_avg_bits=3.0)
+    assert res.search.n_evals == SizeTable(res.space).count_within(budget.fits) == 68
     assert r.stop_reason == "every feasible candidate evaluated"
-    assert r.n_evals == 80 and math.isfinite(res.best().metric)
+    assert math.isfinite(res.best().metric)
     assert np.isclose(max(t.metric for t in r.trials), res.best().metric)
 
 

@@ -5,14 +5,16 @@ import pytest
 import torch
 
 from mpsearch.core import QuantizerConfig
-from mpsearch.quantize import fake_quantize as quantize_weight, mse, sqnr_db
+from mpsearch.core.qconfig import Setting
+from mpsearch.quantize import fake_quantize as quantize_weight, mse, quantize, sqnr_db
 
 SYM = QuantizerConfig()
+NARROW = QuantizerConfig(grid="narrow")
 ASYM = QuantizerConfig(scheme="asymmetric")
 SYM_G = QuantizerConfig(granularity="per-group", group_size=32)
 ASYM_G = QuantizerConfig(scheme="asymmetric", granularity="per-group", group_size=48)
 VARIANTS = {"sym": SYM, "asym": ASYM, "sym-g32": SYM_G, "asym-g48": ASYM_G}
-BITS = (2, 3, 4, 5, 6, 8, 16)
+BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 # minilm layers for the (more expensive) variant checks: one block, the small embeddings
 MINILM_SUBSET = [
     "bert.embeddings.position_embeddings",
@@ -47,12 +49,30 @@ def _distinct_per_group(q: torch.Tensor, cfg: QuantizerConfig) -> torch.Tensor:
 
 
 # ---- hand-worked values ---------------------------------------------------------------------
-def test_symmetric_three_bits_by_hand():
+def test_full_grid_three_bits_by_hand():
+    w = torch.tensor([[-1.0, -0.5, 0.0, 0.25, 1.0]])
+    # codes -4..3; scale = amax / 3.5 as float16 (0.28564); codes round(w x (1/scale)): -3.5 -> -4 (half to even),
+    # -1.75 -> -2, 0, 0.875 -> 1, 3.5 -> 4 clamped to 3: all 8 levels are in reach, as torchao's SYMMETRIC has them
+    s = fp16(1 / 3.5)
+    inv = fp16(1 / s)
+    codes = torch.clamp(torch.round(w * inv), -4, 3)
+    assert codes.tolist() == [[-4, -2, 0, 1, 3]]
+    assert torch.equal(quantize_weight(w, 3, SYM), codes * s)
+
+
+def test_two_bit_grid_has_four_levels():
+    w = torch.tensor([[-1.0, -0.4, 0.1, 0.35, 1.0]])
+    q = quantize(w, 2, SYM)
+    assert sorted(set(q.codes[0].tolist())) == [-2, -1, 0, 1]  # 4 levels
+    assert sorted(set(quantize(w, 2, NARROW).codes[0].tolist())) == [-1, 0, 1]  # the old grid: 3
+
+
+def test_narrow_grid_three_bits_by_hand():
     w = torch.tensor([[-1.0, -0.5, 0.0, 0.25, 1.0]])
     # qmax = 3, scale = 1/3 stored as float16; codes round(w / scale) = -3, -2 (-1.5004), 0, 1 (0.7502), 3
     s = fp16(1 / 3)
     expected = torch.tensor([[-3, -2, 0, 1, 3]], dtype=torch.float32) * s
-    assert torch.equal(quantize_weight(w, 3, SYM), expected)
+    assert torch.equal(quantize_weight(w, 3, NARROW), expected)
 
 
 def test_asymmetric_two_bits_by_hand():
@@ -68,13 +88,13 @@ def test_asymmetric_two_bits_by_hand():
 def test_per_group_uses_its_own_scale_per_group():
     # one row, group size 2: groups (4, -4), (0.5, 0.25), ragged (1,)
     w = torch.tensor([[4.0, -4.0, 0.5, 0.25, 1.0]])
-    cfg = QuantizerConfig(granularity="per-group", group_size=2)
+    cfg = QuantizerConfig(granularity="per-group", group_size=2, grid="narrow")
     q = quantize_weight(w, 3, cfg)  # qmax 3
     s1, s2, s3 = fp16(4 / 3), fp16(0.5 / 3), fp16(1 / 3)
     expected = torch.tensor([[3 * s1, -3 * s1, 3 * s2, round(0.25 / s2) * s2, 3 * s3]])
     assert torch.allclose(q, expected, rtol=0, atol=1e-6)
     # per-channel would give the small values a 4/3 step: 0.5 and 0.25 -> 0
-    qc = quantize_weight(w, 3, SYM)
+    qc = quantize_weight(w, 3, NARROW)
     assert qc[0, 2] == 0 and qc[0, 3] == 0
 
 
@@ -123,7 +143,8 @@ def _mse32(w: torch.Tensor, q: torch.Tensor) -> float:
 
 
 def _assert_error_falls(w: torch.Tensor, cfg: QuantizerConfig, where: str):
-    errs = [_mse32(w, quantize_weight(w, b, cfg)) for b in BITS]
+    """With the scale chosen to minimise error (mse-clip), error falls from 1 to 8 bits (and 16)."""
+    errs = [_mse32(w, quantize_weight(w, Setting(b, "mse-clip") if b < 16 else b, cfg)) for b in BITS]
     for (b0, e0), (b1, e1) in zip(zip(BITS, errs), zip(BITS[1:], errs[1:])):
         assert e1 < e0, f"{where}: MSE {e1:.3g} at {b1} bits is not below {e0:.3g} at {b0} bits"
     assert errs[-1] > 0
@@ -133,13 +154,15 @@ def _assert_error_falls(w: torch.Tensor, cfg: QuantizerConfig, where: str):
 def test_error_falls_with_bits_every_digits_layer(digits_evaluator, digits_space):
     ev = digits_evaluator
     for layer in digits_space.layers:
-        errs = [ev.layer_error(layer, b) for b in (2, 3, 4, 5, 6, 8, 16)]
-        m = [e["mse"] for e in errs]
-        s = [e["sqnr_db"] for e in errs]
+        w = _original(ev, layer)
+        errs = [(mse(w, q), sqnr_db(w, q)) for q in (quantize_weight(w, Setting(b, "mse-clip") if b < 16 else b, SYM)
+                                                    for b in (1, 2, 3, 4, 5, 6, 8, 16))]
+        m = [e[0] for e in errs]
+        s = [e[1] for e in errs]
         assert all(b < a for a, b in zip(m, m[1:])), (layer, m)
         assert all(b > a for a, b in zip(s, s[1:])), (layer, s)
         # roughly 6 dB per extra bit between 4 and 8 bits
-        assert 18 < s[5] - s[2] < 30, (layer, s)
+        assert 18 < s[6] - s[3] < 30, (layer, s)
         assert ev.layer_error(layer, 32) == {"mse": 0.0, "sqnr_db": float("inf")}
 
 
@@ -190,12 +213,14 @@ def test_at_most_2_pow_bits_levels_per_group(digits_evaluator, minilm_evaluator,
 def test_symmetric_levels_are_a_signed_integer_grid():
     w = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
     for bits in (2, 3, 4, 6):
-        q = quantize_weight(w, bits, SYM)
-        qmax = 2 ** (bits - 1) - 1
-        scale = torch.tensor([fp16(float(a) / qmax) for a in w.abs().amax(dim=1)]).unsqueeze(1)
-        codes = q / scale
-        assert torch.allclose(codes, codes.round(), atol=1e-4)
-        assert codes.round().abs().max() <= qmax
+        for cfg, half in ((SYM, 2 ** (bits - 1) - 0.5), (NARROW, 2 ** (bits - 1) - 1)):
+            q = quantize_weight(w, bits, cfg)
+            scale = torch.tensor([fp16(float(a) / half) for a in w.abs().amax(dim=1)]).unsqueeze(1)
+            codes = q / scale
+            assert torch.allclose(codes, codes.round(), atol=1e-4)
+            assert -(2 ** (bits - 1)) <= codes.round().min() and codes.round().max() <= 2 ** (bits - 1) - 1
+            stored = quantize(w, bits, cfg)
+            assert torch.equal(stored.dequantize(), q) and torch.equal(stored.scales, scale)
 
 
 # ---- clipping search ------------------------------------------------------------------------
@@ -205,10 +230,9 @@ def test_clip_search_never_increases_error(digits_evaluator, digits_space, minil
     cases += [(q0, cfg, (2, 3, 4)) for cfg in (SYM, ASYM)]
     improved = 0
     for w, base, bits_list in cases:
-        clip = QuantizerConfig(**{**base.to_dict(), "clip_search": True})
         for bits in bits_list:
             plain = quantize_weight(w, bits, base)
-            clipped = quantize_weight(w, bits, clip)
+            clipped = quantize_weight(w, Setting(bits, "mse-clip"), base)
             # never worse in any channel (the search keeps the unclipped result unless strictly better)
             pe = (w - plain).pow(2).reshape(w.shape[0], -1).sum(1)
             ce = (w - clipped).pow(2).reshape(w.shape[0], -1).sum(1)
@@ -221,11 +245,10 @@ def test_clip_search_never_increases_error(digits_evaluator, digits_space, minil
 
 
 def test_clip_search_levels_still_bounded(digits_evaluator):
-    cfg = QuantizerConfig(clip_search=True)
     w = _original(digits_evaluator, "classifier.1")
     for bits in (2, 3):
-        q = quantize_weight(w, bits, cfg)
-        assert int(_distinct_per_group(q, cfg).max()) <= 2 ** bits
+        q = quantize_weight(w, Setting(bits, "mse-clip"), SYM)
+        assert int(_distinct_per_group(q, SYM).max()) <= 2 ** bits
 
 
 def test_sqnr_and_mse_helpers():

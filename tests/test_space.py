@@ -121,7 +121,7 @@ def test_minilm_pins_ties_limits_hold_in_every_candidate(minilm_tied_space):
     n = 0
     for cand in _candidates(space, rng):
         space.check_candidate(cand)
-        bits = space.layer_bits(cand)
+        bits = space.layer_choices(cand)
         assert set(bits) == set(space.layers)
         assert bits[WORD_EMB] == 8
         for block in range(6):
@@ -166,23 +166,23 @@ def test_digits_tie_list_and_pin_enumerate_everything(digits_model):
     assert space.cardinality == 4 * 4 * 3 * 4
     seen = 0
     for cand in _candidates(space, np.random.default_rng(2), n_random=50):
-        bits = space.layer_bits(cand)
+        bits = space.layer_choices(cand)
         assert bits["features.0"] == bits["features.2"]
         assert bits["classifier.5"] == 6
         assert bits["classifier.1"] <= 4
         seen += 1
-    full = [space.layer_bits(c) for c in space.enumerate()]
+    full = [space.layer_choices(c) for c in space.enumerate()]
     assert len(full) == space.cardinality
     assert all(b["features.0"] == b["features.2"] and b["classifier.5"] == 6 for b in full)
 
 
-def test_candidate_from_layer_bits_rejects_split_ties(digits_model):
+def test_candidate_from_layer_choices_rejects_split_ties(digits_model):
     space = build_space(digits_model, [2, 4, 8], tie=[[r"features\.0", r"features\.2"]])
-    bits = space.layer_bits(space.uniform(4))
-    assert space.candidate_from_layer_bits(bits) == space.uniform(4)
+    bits = space.layer_choices(space.uniform(4))
+    assert space.candidate_from_layer_choices(bits) == space.uniform(4)
     bits["features.2"] = 8
     with pytest.raises(ValueError):
-        space.candidate_from_layer_bits(bits)
+        space.candidate_from_layer_choices(bits)
 
 
 def test_pin_inside_a_tied_group_keeps_the_tie(minilm_task):
@@ -199,7 +199,7 @@ def test_pin_inside_a_tied_group_keeps_the_tie(minilm_task):
         return
     rng = np.random.default_rng(3)
     for cand in _candidates(space, rng, n_random=50):
-        bits = space.layer_bits(cand)
+        bits = space.layer_choices(cand)
         qkv = {bits[f"bert.encoder.layer.0.attention.self.{p}"] for p in ("query", "key", "value")}
         assert qkv == {8}, qkv
 

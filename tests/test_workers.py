@@ -200,25 +200,27 @@ def test_worker_killed_mid_evaluation(storage_url, slow_task, tmp_path):
 
     study_name = f"kill-{uuid.uuid4().hex[:8]}"
     marker = tmp_path / "victim-hangs"
+    # the victim works alone until it hangs inside its second evaluation; only then is it killed and the
+    # survivor started, so the order of events does not depend on how fast either process starts
     victim = _start_worker(storage_url, study_name, MPSEARCH_TEST_HANG=str(marker))
-    survivor = _start_worker(storage_url, study_name)
+    workers = {"survivor": None}
     task = load_task(slow_task)
     space = space_for(task)
     ex = QueueExecutor(storage_url, slow_task, n_local=0, heartbeat_s=1, grace_s=2, strategy="pso", seed=0)
     killed = {}
 
     def killer():
-        """SIGKILL the victim once it says it hangs inside an evaluation (after completing one)."""
+        """SIGKILL the victim once it says it hangs inside an evaluation (after completing one), then start the survivor."""
         deadline = time.monotonic() + 150  # generous: the victim reaches that point by itself
         while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        if not marker.exists():
-            return
-        me = marker.read_text()
-        trials = optuna.load_study(study_name=study_name, storage=storage_url).get_trials(deepcopy=False)
-        running = [t for t in trials if t.state == TrialState.RUNNING and t.system_attrs.get(WORKER_ATTR) == me]
-        victim.send_signal(signal.SIGKILL)
-        killed["trial"] = running[0].number if running else None
+        if marker.exists():
+            me = marker.read_text()
+            trials = optuna.load_study(study_name=study_name, storage=storage_url).get_trials(deepcopy=False)
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.system_attrs.get(WORKER_ATTR) == me]
+            victim.send_signal(signal.SIGKILL)
+            killed["trial"] = running[0].number if running else None
+        workers["survivor"] = _start_worker(storage_url, study_name)
 
     th = threading.Thread(target=killer, daemon=True)
     try:
@@ -228,13 +230,15 @@ def test_worker_killed_mid_evaluation(storage_url, slow_task, tmp_path):
     finally:
         ex.close()
         th.join(timeout=10)
-        for p in (victim, survivor):
+        for p in (victim, workers["survivor"]):
             try:
-                p.wait(timeout=30)
+                if p is not None:
+                    p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
     assert killed.get("trial") is not None, "the victim never reached its hang inside an evaluation"
     assert victim.wait(timeout=30) == -signal.SIGKILL
+    survivor = workers["survivor"]
     out = survivor.communicate(timeout=60)[0]
     assert survivor.returncode == 0, out[-3000:]
     assert res.n_evals == N_EVALS and res.stop_reason == "max evaluations"

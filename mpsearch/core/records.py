@@ -29,6 +29,7 @@ class Evaluation:
     seed: int = 0
     resumed: bool = False
     error: str | None = None
+    prep_s: float = 0.0  # one-off preparation this evaluation paid for (quantizing new settings), not in wall_s
 
     @property
     def ok(self) -> bool:

@@ -11,29 +11,37 @@ from typing import Sequence
 
 import numpy as np
 
-from .qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, n_groups
+from .qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, Setting, kept_weights, n_groups, stored_bits
 from .space import LayerSpec, SearchSpace
 
 MB = 1_000_000
 
 
-def layer_bytes(layer: LayerSpec, bits: int, cfg: QuantizerConfig) -> int:
-    """Packed integer weights (one contiguous bit-stream per tensor) plus their scales and zero-points."""
-    n = layer.n_params
+def _ceil8(bits: int) -> int:
+    return -(-bits // 8)
+
+
+def layer_bytes(layer: LayerSpec, setting: Setting, cfg: QuantizerConfig) -> int:
+    """Bytes as a runtime stores the tensor: the surviving integers packed in one bit-stream, the scales,
+    the zero-points (asymmetric) and the sparsity mask each a whole number of bytes."""
+    n, bits = layer.n_params, setting.bits
     if bits >= UNQUANTIZED_BITS:
         return n * layer.element_size
     if bits == FLOAT16_BITS:
         return n * 2
     groups = n_groups(layer.shape, cfg)
-    total = -(-n * bits // 8) + -(-groups * cfg.scale_bits // 8)
+    total = _ceil8(kept_weights(layer.shape, setting.sparsity) * bits) + _ceil8(groups * cfg.scale_bits)
     if cfg.scheme == "asymmetric":
-        total += -(-groups * cfg.zero_point_bits // 8)
+        total += _ceil8(groups * cfg.zero_point_bits)
+    if setting.sparse:
+        total += _ceil8(n)
     return total
 
 
-def stored_bits(layer: LayerSpec, bits: int) -> int:
-    """Bits per weight as counted in the average: an unquantized weight counts at its float width."""
-    return layer.element_size * 8 if bits >= UNQUANTIZED_BITS else bits
+def layer_bits(layer: LayerSpec, setting: Setting, cfg: QuantizerConfig) -> int:
+    """Every stored bit of the tensor (``qconfig.stored_bits``): what average bits count, as llama.cpp's
+    bits per weight do."""
+    return stored_bits(layer.shape, setting, cfg, layer.element_size)
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,12 @@ class Size:
 
 
 class SizeTable:
-    """Bytes and weight bits of every (decision, choice), plus what every candidate shares.
+    """Bytes and stored bits of every (decision, choice), plus what every candidate shares.
 
-    ``byte_table[d][i]`` and ``bit_table[d][i]`` are integers (bytes; weight count x bits);
-    the ``*_idx`` methods take an ``(n, decisions)`` array of choice indices and are exact.
+    ``byte_table[d][i]`` and ``bit_table[d][i]`` are integers: bytes, and every stored bit of the
+    weights (integers, scales, zero-points, masks), so average bits are bits per weight as llama.cpp
+    counts them. ``nominal_table`` counts the weights at their bit-width alone (``weight_bits``). The
+    ``*_idx`` methods take an ``(n, decisions)`` array of choice indices and are exact.
     """
 
     def __init__(self, space: SearchSpace, macs: dict[str, int] | None = None, activation_bits: int = 32):
@@ -61,17 +71,23 @@ class SizeTable:
         self.fixed_bytes = self.unquantized_bytes
         # Average bits run over every weight in the space; one left at 32 bits counts at its float width.
         self.fixed_bits = 0
+        self.fixed_nominal = 0
         self.fixed_count = 0
-        for name, b in space.pinned.items():
-            layer = space.layers[name]
-            self.fixed_bytes += layer_bytes(layer, b, cfg)
-            self.fixed_bits += layer.n_params * stored_bits(layer, b)
+        for name, c in space.pinned.items():
+            layer, setting = space.layers[name], space.setting(c)
+            self.fixed_bytes += layer_bytes(layer, setting, cfg)
+            self.fixed_bits += layer_bits(layer, setting, cfg)
+            self.fixed_nominal += layer.n_params * _nominal(layer, setting)
             self.fixed_count += layer.n_params
         layers = space.layers
-        self.byte_table = [np.array([sum(layer_bytes(layers[n], b, cfg) for n in d.layers) for b in d.choices],
-                                    dtype=np.int64) for d in space.decisions]
-        self.bit_table = [np.array([sum(layers[n].n_params * stored_bits(layers[n], b) for n in d.layers)
-                                    for b in d.choices], dtype=np.int64) for d in space.decisions]
+
+        def table(fn):
+            return [np.array([sum(fn(layers[n], space.setting(c)) for n in d.layers) for c in d.choices],
+                             dtype=np.int64) for d in space.decisions]
+
+        self.byte_table = table(lambda layer, x: layer_bytes(layer, x, cfg))
+        self.bit_table = table(lambda layer, x: layer_bits(layer, x, cfg))
+        self.nominal_table = table(lambda layer, x: layer.n_params * _nominal(layer, x))
         self.counts = np.array([sum(layers[n].n_params for n in d.layers) for d in space.decisions], dtype=np.int64)
         self.total_count = self.fixed_count + int(self.counts.sum())
         # padded (decisions x widest choice list) copies for whole-population lookups
@@ -92,6 +108,12 @@ class SizeTable:
 
     def avg_bits(self, candidate: Sequence[int]) -> float:
         return float(self.avg_bits_idx(self.space.encode(candidate))[0])
+
+    def weight_bits(self, candidate: Sequence[int]) -> float:
+        """Average bit-width of the weights alone, without scales, zero-points or masks."""
+        idx = self.space.encode(candidate)
+        bits = self.fixed_nominal + sum(int(t[i]) for t, i in zip(self.nominal_table, idx))
+        return bits / self.total_count if self.total_count else float(UNQUANTIZED_BITS)
 
     def size(self, candidate: Sequence[int]) -> Size:
         idx = self.space.encode(candidate)  # once: this runs for every evaluation
@@ -119,8 +141,8 @@ class SizeTable:
 
     def bops(self, candidate: Sequence[int]) -> int:
         """Bit operations per sample: MACs x weight bits x activation bits (activations stay float)."""
-        bits = self.space.layer_bits(candidate)
-        return int(sum(self.macs.get(n, 0) * b * self.activation_bits for n, b in bits.items()))
+        chosen = self.space.layer_settings(candidate)
+        return int(sum(self.macs.get(n, 0) * x.bits * self.activation_bits for n, x in chosen.items()))
 
     def min_size_bytes(self) -> int:
         return int(self.fixed_bytes + sum(int(t.min()) for t in self.byte_table))
@@ -143,3 +165,7 @@ class SizeTable:
             idx = np.stack(np.unravel_index(flat, shape), axis=1) if shape else np.zeros((len(flat), 0), np.int64)
             total += int(np.count_nonzero(fits(self.bytes_idx(idx), self.avg_bits_idx(idx))))
         return total
+
+
+def _nominal(layer: LayerSpec, setting: Setting) -> int:
+    return layer.element_size * 8 if setting.bits >= UNQUANTIZED_BITS else setting.bits

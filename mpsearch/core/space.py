@@ -14,11 +14,12 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import CandidateError, SpaceError
-from .qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig
+from .qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, Setting
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 
-Candidate = tuple  # bits per decision, in decision order
+Candidate = tuple  # one choice per decision, in decision order: bits (int), or a setting label such as "4/gptq"
+Choice = int | str
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class LayerSpec:
     kind: str
     weight_name: str
     shape: tuple[int, ...]
-    choices: tuple[int, ...]
+    choices: tuple[Choice, ...]
     element_size: int = 4
     aliases: tuple[str, ...] = ()
 
@@ -40,15 +41,23 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class Decision:
-    """One searched bit-width, shared by every layer in ``layers`` (a tied group or a single layer)."""
+    """One searched setting, shared by every layer in ``layers`` (a tied group or a single layer).
+
+    ``choices`` are ordered from the smallest to the largest (bits, or setting labels when the space
+    searches methods or sparsity too)."""
 
     name: str
     layers: tuple[str, ...]
-    choices: tuple[int, ...]
+    choices: tuple[Choice, ...]
 
     @property
     def n_choices(self) -> int:
         return len(self.choices)
+
+
+def as_choice(value) -> Choice:
+    """A choice as candidates hold it: a setting label stays a string, bits become a plain int."""
+    return value if isinstance(value, str) else int(value)
 
 
 def check_bits(bits: Iterable[int], where: str) -> tuple[int, ...]:
@@ -76,6 +85,17 @@ class SearchSpace:
     fingerprint: str = ""
     model_name: str = "model"
     excluded: list[str] = field(default_factory=list)  # quantizable layers the space leaves in float
+    settings: dict = field(default_factory=dict)  # choice -> Setting, for every choice the space offers
+    method: str = "rtn"  # the method of choices given as bits alone
+
+    def setting(self, choice: Choice) -> Setting:
+        """What a choice means: its bits, method and sparsity."""
+        s = self.settings.get(choice)
+        if s is not None:
+            return s
+        if isinstance(choice, str):
+            return Setting.from_label(choice)
+        return Setting(int(choice), self.method)
 
     @property
     def n_decisions(self) -> int:
@@ -103,50 +123,62 @@ class SearchSpace:
     def encode(self, candidate: Sequence[int]) -> tuple[int, ...]:
         return tuple(d.choices.index(b) for d, b in zip(self.decisions, self.check_candidate(candidate)))
 
-    def check_candidate(self, candidate: Sequence[int]) -> Candidate:
-        """The candidate as a tuple of ints; refuses a wrong length, a non-integer or a bit-width not offered."""
+    def describe(self, choice: Choice) -> str:
+        """A choice in words: "3-bit", or its setting label ("4/gptq/50%")."""
+        return choice if isinstance(choice, str) else f"{choice}-bit"
+
+    def check_candidate(self, candidate: Sequence[Choice]) -> Candidate:
+        """The candidate as a tuple; refuses a wrong length, a value of the wrong type, or a choice not offered."""
         if isinstance(candidate, (str, bytes)) or not hasattr(candidate, "__len__"):
             raise CandidateError(f"a candidate is a sequence of bit-widths, one per decision; got {candidate!r}")
         if len(candidate) != self.n_decisions:
             raise CandidateError(f"candidate has {len(candidate)} entries, the space has {self.n_decisions} decisions")
         out = []
         for d, b in zip(self.decisions, candidate):
-            if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
-                raise CandidateError(f"decision {d.name}: bits must be an integer, got {b!r}")
-            if int(b) not in d.choices:
-                raise CandidateError(f"decision {d.name}: {b} bits is not among its choices {list(d.choices)}")
-            out.append(int(b))
+            if isinstance(b, bool) or not isinstance(b, (int, np.integer, str)):
+                raise CandidateError(f"decision {d.name}: a choice is bits (an integer) or a setting label, got {b!r}")
+            b = b if isinstance(b, str) else int(b)
+            if b not in d.choices:
+                raise CandidateError(f"decision {d.name}: {b!r} is not among its choices {list(d.choices)}")
+            out.append(b)
         return tuple(out)
 
-    def layer_bits(self, candidate: Sequence[int]) -> dict[str, int]:
-        """Bits of every layer in the space (pinned ones included) for a candidate."""
-        bits = dict(self.pinned)
+    def layer_choices(self, candidate: Sequence[Choice]) -> dict[str, Choice]:
+        """The choice of every layer in the space (pinned ones included) for a candidate."""
+        out = dict(self.pinned)
         for d, b in zip(self.decisions, candidate):
             for n in d.layers:
-                bits[n] = int(b)
-        return bits
+                out[n] = b
+        return out
 
-    def candidate_from_layer_bits(self, layer_bits: dict[str, int]) -> Candidate:
+    def layer_settings(self, candidate: Sequence[Choice]) -> dict[str, Setting]:
+        """The setting of every layer in the space (pinned ones included) for a candidate, in network order."""
+        chosen = self.layer_choices(candidate)
+        return {n: self.setting(chosen[n]) for n in self.layers}
+
+    def candidate_from_layer_choices(self, layer_choices: dict[str, Choice]) -> Candidate:
         cand = []
         for d in self.decisions:
-            vals = {int(layer_bits[n]) for n in d.layers if n in layer_bits}
+            vals = {layer_choices[n] for n in d.layers if n in layer_choices}
             if len(vals) != 1:
-                raise ValueError(f"decision {d.name}: expected one bit-width for its layers, got {sorted(vals) or 'none'}")
+                raise ValueError(f"decision {d.name}: expected one choice for its layers, got {sorted(map(str, vals)) or 'none'}")
             cand.append(vals.pop())
         return self.check_candidate(cand)
 
-    def uniform(self, bits: int) -> Candidate | None:
-        """Every decision at ``bits``; None when some decision cannot take it."""
-        if any(bits not in d.choices for d in self.decisions):
+    def uniform(self, choice: Choice) -> Candidate | None:
+        """Every decision at ``choice``; None when some decision cannot take it."""
+        if any(choice not in d.choices for d in self.decisions):
             return None
-        return tuple(bits for _ in self.decisions)
+        return tuple(choice for _ in self.decisions)
 
-    def uniform_bits(self) -> list[int]:
-        """Bit-widths that every decision allows (the uniform baselines)."""
-        common = set(self.decisions[0].choices) if self.decisions else set()
+    def uniform_choices(self) -> list[Choice]:
+        """Choices that every decision allows (the uniform baselines), in the first decision's order."""
+        if not self.decisions:
+            return []
+        common = set(self.decisions[0].choices)
         for d in self.decisions[1:]:
             common &= set(d.choices)
-        return sorted(common)
+        return [c for c in self.decisions[0].choices if c in common]
 
     def highest(self) -> Candidate:
         return tuple(d.choices[-1] for d in self.decisions)

@@ -98,5 +98,30 @@ def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan
     return res
 
 
+def sparse_layers(plan: QuantizationPlan) -> list[str]:
+    return [n for n in plan.layers if plan.setting(n).sparse]
+
+
+def dense_storage_note(plan: QuantizationPlan) -> list[str]:
+    """For formats that carry the plan's integers in dense tensors: what pruning costs there."""
+    sparse = sparse_layers(plan)
+    if not sparse:
+        return []
+    return [f"{len(sparse)} pruned layer(s) are stored dense, with zero codes where weights were pruned: the "
+            "deployed size is the dense one, larger than the plan's sparse count"]
+
+
+def runtime_quantizes(plan: QuantizationPlan, fmt: str) -> list[str]:
+    """For formats that pass settings to a runtime that computes its own integers: refuse what it cannot
+    express (sparsity), and say that the plan's own integers do not travel."""
+    sparse = sparse_layers(plan)
+    if sparse:
+        raise MPSearchError(f"{fmt} export: {len(sparse)} layer(s) are pruned (first: {sparse[0]}); {fmt} quantizes "
+                            "dense weights itself and cannot carry a sparsity")
+    methods = sorted({plan.setting(n).method for n in plan.layers if plan.setting(n).quantized})
+    return [f"{fmt} computes the integers itself from the bits given here; the plan's own integers "
+            f"({', '.join(methods)}) are not carried, so its quality is the runtime's, not the plan's prediction"]
+
+
 def file_size(paths) -> int:
     return sum(Path(p).stat().st_size for p in paths)

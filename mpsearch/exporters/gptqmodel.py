@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..plan import QuantizationPlan
 from ..core.qconfig import FLOAT16_BITS
-from . import ExportResult, file_size, register
+from . import ExportResult, file_size, register, runtime_quantizes
 
 GPTQ_BITS = (2, 3, 4, 8)
 # wrapper attributes in front of the Hugging Face module names (SentenceEncoder.bert, DDP's module.):
@@ -115,9 +115,9 @@ def quantize_config(plan: QuantizationPlan) -> tuple[dict, dict]:
 @register("gptqmodel", needs_model=False, suffix=".json",
           description="GPTQModel / vLLM: quantize_config.json with per-module 'dynamic' overrides")
 def to_gptqmodel(plan: QuantizationPlan, out: Path, task=None) -> ExportResult:
+    notes = runtime_quantizes(plan, "gptqmodel")
     cfg, details = quantize_config(plan)
     out.write_text(json.dumps(cfg, indent=2) + "\n")
-    notes = []
     rounded = Counter((d["planned_bits"], d["bits"]) for d in details["modules"].values()
                       if d["bits"] is not None and d["bits"] != d["planned_bits"])
     if rounded:

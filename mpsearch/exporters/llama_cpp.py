@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import MPSearchError
 from ..plan import QuantizationPlan
 from ..core.qconfig import FLOAT16_BITS
-from . import ExportResult, file_size, register
+from . import ExportResult, file_size, register, runtime_quantizes
 
 # bits -> ggml type; other widths go to the next wider type in this table
 GGML_TYPES = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0", 16: "f16"}
@@ -156,10 +156,11 @@ def tensor_types(plan: QuantizationPlan) -> list[dict]:
 @register("llama-cpp", needs_model=False, suffix=".txt",
           description="llama.cpp: --tensor-type-file for llama-quantize (regex=type per tensor)")
 def to_llama_cpp(plan: QuantizationPlan, out: Path, task=None) -> ExportResult:
+    requant = runtime_quantizes(plan, "llama-cpp")
     rows = tensor_types(plan)
     out.write_text("".join(f"{pattern(r['gguf'])}={r['type']}\n" for r in rows))
     notes = [f"run: llama-quantize --tensor-type-file {out.name} IN.gguf OUT.gguf Q8_0 "
-             "(the base type must be quantized or the file is ignored; unnamed tensors get its default recipe)"]
+             "(the base type must be quantized or the file is ignored; unnamed tensors get its default recipe)", *requant]
     odd = sorted({r["bits"] for r in rows if r["bits"] not in GGML_TYPES and r["bits"] <= FLOAT16_BITS})
     if odd:
         notes.append("no ggml type for " + ", ".join(f"{b} bits" for b in odd)

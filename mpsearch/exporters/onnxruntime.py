@@ -35,9 +35,8 @@ from torch import nn
 
 from ..core.qconfig import FLOAT16_BITS
 from ..errors import MPSearchError
-from ..plan import QuantizationPlan
-from ..quantize import quantize
-from . import ExportResult, file_size, register
+from ..plan import QuantizationPlan, plan_weights
+from . import ExportResult, dense_storage_note, file_size, register
 
 OPSET = 21
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
@@ -133,8 +132,9 @@ def _match_initializers(proto, plan: QuantizationPlan, model: nn.Module) -> dict
     return found
 
 
-def quantize_onnx(proto, plan: QuantizationPlan, model: nn.Module) -> dict[str, dict]:
-    """Rewrite ``proto`` in place: each planned weight initializer becomes weight-only QDQ. Returns details."""
+def quantize_onnx(proto, plan: QuantizationPlan, model: nn.Module, weights: dict) -> dict[str, dict]:
+    """Rewrite ``proto`` in place: each planned weight initializer becomes weight-only QDQ holding the
+    integers in ``weights`` (``plan.plan_weights``). Returns details."""
     import ml_dtypes
     from onnx import TensorProto, helper, numpy_helper
 
@@ -156,7 +156,7 @@ def quantize_onnx(proto, plan: QuantizationPlan, model: nn.Module) -> dict[str, 
             new_nodes.append(helper.make_node("Cast", [iname + "_fp16"], [iname], to=TensorProto.FLOAT,
                                               name=iname + "_cast"))
             continue
-        qw = quantize(w, bits, cfg)
+        qw = weights[layer]
         q, scale, zp = qw.codes, qw.scales, qw.zero_points
         if cfg.scheme == "symmetric" and bits > 1:
             lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -204,9 +204,9 @@ def export_quantized_onnx(plan: QuantizationPlan, model: nn.Module, task, path: 
     except ImportError:
         raise MPSearchError("the onnxruntime exporter needs onnx and onnxruntime: pip install 'mpsearch[export]'") from None
     path = Path(path)
-    plan.check_model(model)
+    weights = plan_weights(plan, task)
     proto = export_float_onnx(model, task, path)
-    details = quantize_onnx(proto, plan, model)
+    details = quantize_onnx(proto, plan, model, weights)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return details
@@ -261,6 +261,7 @@ def to_onnxruntime(plan: QuantizationPlan, out: Path, task) -> ExportResult:
     if odd:
         notes.append(f"{odd}-bit weights are held in the next wider container, restricted to their planned range")
     notes.append("scales are float32 initializers holding the plan's float16 values")
+    notes += dense_storage_note(plan)
     notes.append(f"ONNX Runtime fuses DequantizeLinear+MatMul into MatMulNBits, which by default quantizes activations "
                  f"to int8; set the session option {MATMULNBITS_ACCURACY}=1 to run the plan's float activations")
     return ExportResult("onnxruntime", [out], file_size([out]), notes,

@@ -14,14 +14,14 @@ The exporter writes two files:
 
 How torchao's quantizer relates to mpsearch's (torchao 0.18):
 
-* symmetric: mpsearch uses ``scale = amax / (2^(b-1) - 1)`` and levels within
-  ``[-(2^(b-1) - 1), 2^(b-1) - 1]``. torchao's ``MappingType.SYMMETRIC`` uses
-  ``scale = amax / (2^(b-1) - 0.5)`` (clips the largest positive weight);
-  ``SYMMETRIC_NO_CLIPPING_ERR`` uses ``max(-min / 2^(b-1), max / (2^(b-1) - 1))``, which
-  equals mpsearch's scale on every row whose largest magnitude is positive and uses the
-  extra negative level otherwise. We use ``SYMMETRIC_NO_CLIPPING_ERR`` (closer; never clips).
-  At 2-3 bits the extra level makes torchao's own rounding noticeably *more* accurate than
-  the plan's (see the tests).
+* symmetric, full grid (the default): mpsearch's round to nearest *is* torchao's
+  ``MappingType.SYMMETRIC`` (``scale = amax / (2^(b-1) - 0.5)``, rounded to float16, codes in
+  ``[-2^(b-1), 2^(b-1) - 1]`` from the float16 reciprocal), so the exported config reproduces a
+  ``rtn`` plan's integers exactly (tests/test_export_torchao_onnx.py checks it). Other methods
+  (mse-clip, gptq, gradient) choose other integers: the state dict carries them, the config cannot.
+* symmetric, narrow grid (version 1 plans): ``scale = amax / (2^(b-1) - 1)``; torchao's
+  ``SYMMETRIC_NO_CLIPPING_ERR`` uses ``max(-min / 2^(b-1), max / (2^(b-1) - 1))``, equal on
+  every row whose largest magnitude is positive, so the config uses it.
 * asymmetric: ``MappingType.ASYMMETRIC`` is mpsearch's scheme with the integers shifted by
   ``-2^(b-1)`` (signed storage); the zero-point is computed before the scale is rounded to
   float16, so a few integers may differ by one.
@@ -36,6 +36,8 @@ How torchao's quantizer relates to mpsearch's (torchao 0.18):
 * 16 bits: torchao has no per-module float16 weight config, so those layers stay out of
   the config; ``quantize_with_torchao`` rounds them to float16 values in place (as the plan
   measured) and they stay float32 tensors. 1 bit (mpsearch's sign x mean) is refused.
+* pruned weights (sparsity) are zero codes in torchao's dense tensors: the deployed size is
+  the dense one.
 """
 from __future__ import annotations
 
@@ -49,9 +51,8 @@ from torch import nn
 from ..core.qconfig import FLOAT16_BITS, QuantizerConfig
 from ..errors import MPSearchError
 from ..logs import quiet_import_noise
-from ..plan import QuantizationPlan
-from ..quantize import quantize
-from . import ExportResult, file_size, register
+from ..plan import QuantizationPlan, plan_weights
+from . import ExportResult, dense_storage_note, file_size, register
 
 QPARAMS = ("torchao", "plan")
 
@@ -119,17 +120,25 @@ def torchao_config(plan: QuantizationPlan, model: nn.Module | None = None):
         if bits >= FLOAT16_BITS or e.get("kind") == "Conv2d" or len(e.get("shape", [0, 0])) != 2:
             continue
         cfg = plan.quantizer_config(name)
-        mapping = MappingType.SYMMETRIC_NO_CLIPPING_ERR if cfg.scheme == "symmetric" else MappingType.ASYMMETRIC
+        mapping = _mapping(MappingType, cfg)
         gran = PerAxis(0) if cfg.granularity == "per-channel" else PerGroup(cfg.group_size)
         entries[name] = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=gran,
                                              mapping_type=mapping, scale_dtype=torch.float16)
     return FqnToConfig(entries)
 
 
-def _plan_tensor(w: torch.Tensor, bits: int, cfg: QuantizerConfig, block_size: tuple[int, ...]):
+def _mapping(MappingType, cfg: QuantizerConfig):
+    """torchao's rule closest to the plan's grid: SYMMETRIC is the full grid exactly; the narrow grid's
+    scale is SYMMETRIC_NO_CLIPPING_ERR's whenever a row's largest magnitude is positive."""
+    if cfg.scheme == "asymmetric":
+        return MappingType.ASYMMETRIC
+    return MappingType.SYMMETRIC if cfg.grid == "full" else MappingType.SYMMETRIC_NO_CLIPPING_ERR
+
+
+def _plan_tensor(w: torch.Tensor, qw, cfg: QuantizerConfig, block_size: tuple[int, ...]):
     """A torchao ``IntxUnpackedToInt8Tensor`` holding mpsearch's exact integers, float16 scales and zero-points."""
-    qw = quantize(w, bits, cfg)  # (out, inner) ints, (out, groups) scales / unsigned zero-points
-    q, scale = qw.codes, qw.scales
+    bits = qw.bits
+    q, scale = qw.codes, qw.scales  # (out, inner) ints, (out, groups) scales / unsigned zero-points
     zp = torch.zeros_like(scale, dtype=torch.int32) if qw.zero_points is None else qw.zero_points
     if cfg.scheme == "asymmetric":  # unsigned -> torchao's signed domain
         q, zp = q - 2 ** (bits - 1), zp - 2 ** (bits - 1)
@@ -139,7 +148,8 @@ def _plan_tensor(w: torch.Tensor, bits: int, cfg: QuantizerConfig, block_size: t
                          zp.reshape(grid).to(torch.int8), getattr(torch, f"int{bits}"), tuple(block_size), w.dtype, None)
 
 
-def quantize_with_torchao(plan: QuantizationPlan, model: nn.Module, *, qparams: str = "torchao") -> nn.Module:
+def quantize_with_torchao(plan: QuantizationPlan, model: nn.Module, *, qparams: str = "torchao",
+                          weights: dict | None = None) -> nn.Module:
     """Quantize ``model`` in place with torchao as the plan says and return it.
 
     ``qparams="torchao"``: Linear/Embedding through ``quantize_(model, FqnToConfig(...), filter_fn=None)``
@@ -148,12 +158,16 @@ def quantize_with_torchao(plan: QuantizationPlan, model: nn.Module, *, qparams: 
     exact integers and float16 scales, so the model computes exactly what the plan measured.
     Either way every planned integer weight becomes an ``IntxUnpackedToInt8Tensor`` with
     ``target_dtype=torch.int{bits}``; 16-bit weights are rounded to float16 values in place.
+    ``weights``: the plan's integers (``plan.plan_weights``; computed from ``model`` when not given,
+    which needs no calibration data unless a layer uses gptq or gradient).
     """
     if qparams not in QPARAMS:
         raise MPSearchError(f"qparams must be one of {', '.join(QPARAMS)}, got {qparams!r}")
     _, _, MappingType, _, _, quantize_ = _require_torchao()
     Intx = _tensor_cls()
     plan.check_model(model)
+    if qparams == "plan" and weights is None:
+        weights = plan_weights(plan, model)
     settings = _layer_settings(plan, model)
     with torch.no_grad():
         for name, s in settings.items():
@@ -166,12 +180,11 @@ def quantize_with_torchao(plan: QuantizationPlan, model: nn.Module, *, qparams: 
             w = mod.weight.detach()
             dtype = getattr(torch, f"int{bits}")
             if qparams == "plan":
-                q = _plan_tensor(w, bits, s["cfg"], s["block_size"])
+                q = _plan_tensor(w, weights[name], s["cfg"], s["block_size"])
             else:
                 from torchao.quantization.quant_api import _adjust_scale_dtype_in_intx_unpacked_tensor
 
-                mapping = (MappingType.SYMMETRIC_NO_CLIPPING_ERR if s["cfg"].scheme == "symmetric"
-                           else MappingType.ASYMMETRIC)
+                mapping = _mapping(MappingType, s["cfg"])
                 q = Intx.from_hp(w, s["block_size"], dtype, mapping_type=mapping)
                 _adjust_scale_dtype_in_intx_unpacked_tensor(q, w, torch.float16)
             mod.weight = nn.Parameter(q, requires_grad=False)
@@ -206,7 +219,8 @@ def to_torchao(plan: QuantizationPlan, out: Path, task) -> ExportResult:
     cfg = torchao_config(plan, model)  # imports torchao, quietly
     from torchao.core.config import config_to_dict
 
-    quantize_with_torchao(plan, model, qparams="plan")
+    weights = plan_weights(plan, task)
+    quantize_with_torchao(plan, model, qparams="plan", weights=weights)
     settings = {n: {"bits": int(e["bits"]), "kind": e.get("kind")} for n, e in plan.layers.items()}
     conv = [n for n, e in plan.layers.items() if e.get("kind") == "Conv2d" and int(e["bits"]) < FLOAT16_BITS]
     fp16 = [n for n, e in plan.layers.items() if int(e["bits"]) >= FLOAT16_BITS]
@@ -232,6 +246,7 @@ def to_torchao(plan: QuantizationPlan, out: Path, task) -> ExportResult:
     if fp16:
         notes.append(f"{len(fp16)} 16-bit layer(s) stay float32 holding float16 values (torchao has no per-module float16 config)")
     notes.append("integer weights are stored unpacked, one int8 per weight (IntxUnpackedToInt8Tensor)")
+    notes += dense_storage_note(plan)
     paths = [out, state_path]
     return ExportResult("torchao", paths, file_size(paths), notes,
                         {"state_dict_bytes": state_path.stat().st_size, "config_bytes": out.stat().st_size,

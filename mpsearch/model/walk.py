@@ -6,12 +6,14 @@ place that looks at the model to build it.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Sequence
 
 from torch import nn
 
-from ..core.qconfig import FLOAT16_BITS, QuantizerConfig
+from ..core.qconfig import DATA_METHODS, METHODS, SEMI_STRUCTURED, QuantizerConfig, Setting, is_integer_bits
+from ..core.sizes import layer_bytes
 from ..core.space import DEFAULT_BITS, Decision, LayerSpec, SearchSpace, check_bits
 from ..errors import SpaceError
 from ..schemas import SpaceSpec, parse
@@ -66,23 +68,35 @@ def build_space(
     tie: Sequence[str | Sequence[str]] | None = None,
     limits: dict[str, dict] | None = None,
     layer_choices: dict[str, Sequence[int]] | None = None,
+    methods: Sequence[str] | None = None,
+    sparsity: Sequence[float | str] | None = None,
     min_bits: int | None = None,
     max_bits: int | None = None,
     quantizer: QuantizerConfig | dict | None = None,
     model_name: str = "model",
     source: str = "search space",
 ) -> SearchSpace:
-    """The space of ``model``'s quantizable weights; every argument is checked by ``SpaceSpec`` first."""
+    """The space of ``model``'s quantizable weights; every argument is checked by ``SpaceSpec`` first.
+
+    Each layer's choices are its bit-widths times ``methods`` times ``sparsity`` levels, ordered from
+    the smallest to the largest (equal sizes: cheaper method first). Methods that need a layer's
+    inputs (gptq, gradient) are not offered beside others on an Embedding, where they reduce to
+    rounding; 2:4 sparsity only where rows are a multiple of 4 long."""
     if isinstance(quantizer, QuantizerConfig):
         quantizer = quantizer.to_dict()
     raw = {"choices": list(choices) if isinstance(choices, (list, tuple)) else choices, "include": include,
            "exclude": exclude, "types": types, "pin": pin, "tie": tie, "limits": limits,
-           "layer_choices": layer_choices, "quantizer": quantizer}
+           "layer_choices": layer_choices, "methods": methods, "sparsity": sparsity, "quantizer": quantizer}
     spec = parse(SpaceSpec, {k: v for k, v in raw.items() if v is not None}, source, SpaceError)
     base_choices = check_bits(spec.choices, "choices")
     types = list(spec.types or LAYER_TYPES)
     classes = tuple(LAYER_TYPES[t] for t in types)
-    quantizer = QuantizerConfig(**spec.quantizer.model_dump()) if spec.quantizer else QuantizerConfig()
+    qspec = spec.quantizer.model_dump() if spec.quantizer else {}
+    default_method = qspec.pop("method", None) or ("mse-clip" if qspec.pop("clip_search", False) else "rtn")
+    qspec.pop("clip_search", None)
+    quantizer = QuantizerConfig(**qspec)
+    method_list = list(dict.fromkeys(spec.methods or [default_method]))
+    sparsity_list = list(dict.fromkeys(spec.sparsity or [0.0]))
     include, exclude, pin, tie = spec.include, spec.exclude, spec.pin, spec.tie
     limits = {k: v.model_dump(exclude_none=True) for k, v in (spec.limits or {}).items()}
     layer_choices = spec.layer_choices
@@ -137,22 +151,43 @@ def build_space(
             raise SpaceError(f"layer {n}: no bit-width left between min {lo} and max {hi}")
         per_layer[n] = ch
 
-    pinned: dict[str, int] = {}
-    for pat, bits in (pin or {}).items():
-        (b,) = check_bits([bits], f"pin[{pat}]")
+    offered = {n: _settings(found[n], per_layer[n], method_list, sparsity_list, quantizer) for n in selected}
+    styles = {(x.method, x.sparsity) for sets in offered.values() for x in sets if x.quantized}
+    method = next(iter(styles))[0] if len(styles) == 1 else default_method
+    pin_settings: dict[str, Setting] = {}
+    for pat, value in (pin or {}).items():
+        try:
+            pin_settings[pat] = (Setting.from_label(value) if isinstance(value, str)
+                                 else Setting(check_bits([value], f"pin[{pat}]")[0], method))
+        except ValueError as exc:
+            raise SpaceError(f"pin[{pat}]: {exc}") from None
+    styles |= {(x.method, x.sparsity) for x in pin_settings.values() if x.quantized}
+    # one method and no pruning anywhere: choices are plain bit-widths; else setting labels ("4/gptq/50%")
+    bits_only = len(styles) <= 1 and not any(sp for _, sp in styles)
+    settings: dict = {}
+
+    def label(x: Setting):
+        c = x.bits if bits_only else x.label()
+        settings[c] = x
+        return c
+
+    pinned: dict[str, int | str] = {}
+    for pat, x in pin_settings.items():
         for n in _matching([pat], selected, "pin"):
-            pinned[n] = b
+            pinned[n] = label(x)
 
     groups = _tie_groups(tie or [], selected)
     for g in groups:
         pins = {pinned[n] for n in g if n in pinned}
         if len(pins) > 1:
-            raise SpaceError(f"tied group {list(g)} has layers pinned at different bit-widths {sorted(pins)}")
+            raise SpaceError(f"tied group {list(g)} has layers pinned at different settings {sorted(map(str, pins))}")
         if pins:
             (b,) = pins
             pinned.update({n: b for n in g})
     groups = [g for g in groups if g[0] not in pinned]
-    layers = {n: LayerSpec(**{**found[n].__dict__, "choices": (pinned[n],) if n in pinned else per_layer[n]}) for n in selected}
+    layers = {n: LayerSpec(**{**found[n].__dict__,
+                              "choices": (pinned[n],) if n in pinned else tuple(label(x) for x in offered[n])})
+              for n in selected}
     tied = {n for g in groups for n in g}
     decisions: list[Decision] = []
     for n in selected:
@@ -164,12 +199,12 @@ def build_space(
         for n in g[1:]:
             common &= set(layers[n].choices)
         if not common:
-            raise SpaceError(f"tied group {list(g)}: its layers share no bit-width")
-        decisions.append(Decision("+".join(g), tuple(g), tuple(sorted(common))))
+            raise SpaceError(f"tied group {list(g)}: its layers share no setting")
+        decisions.append(Decision("+".join(g), tuple(g), tuple(c for c in layers[g[0]].choices if c in common)))
     order = {n: i for i, n in enumerate(names)}
     decisions.sort(key=lambda d: order[d.layers[0]])
     if quantizer.scheme == "asymmetric":
-        widest = max((b for spec in layers.values() for b in spec.choices if b < FLOAT16_BITS), default=0)
+        widest = max((x.bits for x in settings.values() if x.quantized), default=0)
         if widest > quantizer.zero_point_bits:
             raise SpaceError(f"{source}: quantizer.zero_point_bits {quantizer.zero_point_bits} cannot hold the "
                              f"zero-points of {widest}-bit weights")
@@ -182,7 +217,25 @@ def build_space(
         fingerprint=model_fingerprint(model),
         model_name=model_name,
         excluded=[n for n in names if n not in layers],
+        settings=settings,
+        method=method,
     )
+
+
+def _settings(layer: LayerSpec, bits: Sequence[int], methods: list[str], sparsities: list, cfg: QuantizerConfig
+              ) -> tuple[Setting, ...]:
+    """The settings a layer is offered, smallest first (equal sizes: cheaper method, then denser)."""
+    inner = math.prod(layer.shape[1:])
+    usable = [m for m in methods if not (layer.kind == "Embedding" and m in DATA_METHODS)] or methods
+    out = []
+    for b in bits:
+        if not is_integer_bits(b):
+            out.append(Setting(b))
+            continue
+        out += [Setting(b, m, sp) for m in usable for sp in sparsities if not (sp == SEMI_STRUCTURED and inner % 4)]
+    rank = {m: i for i, m in enumerate(METHODS)}
+    return tuple(sorted(dict.fromkeys(out), key=lambda x: (layer_bytes(layer, x, cfg), rank.get(x.method, 0),
+                                                          str(x.sparsity))))
 
 
 def space_from_spec(spec: dict, model: nn.Module, model_name: str = "model", source: str = "search space") -> SearchSpace:

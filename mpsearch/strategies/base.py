@@ -23,7 +23,7 @@ from ..core.budget import Budget
 from ..core.records import Evaluation
 from ..core.repair import noise_loss, repair
 from ..core.sizes import SizeTable
-from ..core.space import Candidate, SearchSpace
+from ..core.space import Candidate, SearchSpace, as_choice
 from ..errors import MPSearchError, OptionError
 
 
@@ -156,7 +156,7 @@ class Strategy(ABC):
         """Candidates not yet asked in this run, without duplicates, marked as asked."""
         out = []
         for c in candidates:
-            c = tuple(int(b) for b in c)
+            c = tuple(as_choice(b) for b in c)
             if c not in self.seen:
                 self.seen.add(c)
                 out.append(c)

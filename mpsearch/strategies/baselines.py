@@ -15,7 +15,7 @@ class Uniform(Strategy):
     name = "uniform"
 
     def start(self):
-        widths = sorted(self.space.uniform_bits(), reverse=True)
+        widths = reversed(self.space.uniform_choices())
         self._todo = [c for c in (self.space.uniform(b) for b in widths) if self.feasible(c)]
 
     def ask(self) -> list[Candidate]:

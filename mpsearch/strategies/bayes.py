@@ -133,7 +133,7 @@ class Bayes(Strategy):
         self.moves = (np.concatenate([np.eye(D, dtype=np.int64), -np.eye(D, dtype=np.int64)]), swaps)
         warm: list = []
         if self.warm_start == "uniform":
-            warm = [self.space.uniform(b) for b in sorted(self.space.uniform_bits(), reverse=True)]
+            warm = [self.space.uniform(b) for b in reversed(self.space.uniform_choices())]
             warm = [c for c in warm if c is not None and self.feasible(c)]
         elif self.warm_start is not None:
             try:

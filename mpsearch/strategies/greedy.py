@@ -112,7 +112,7 @@ class Greedy(SensitivityStrategy):
     def _uniform_start(self) -> list[Candidate]:
         """The widest feasible uniform candidate: a second starting point for the swaps, since the
         path's per-byte ratios can miss moves that change three or more decisions at once."""
-        for b in sorted(self.space.uniform_bits(), reverse=True):
+        for b in reversed(self.space.uniform_choices()):
             c = self.space.uniform(b)
             if c is not None and self.feasible(c):
                 return [c]

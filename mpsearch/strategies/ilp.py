@@ -114,9 +114,8 @@ class ILP(SensitivityStrategy):
         loss = self.sens.loss
         pos = [v for t in loss for v in t if v > 0]
         unit = min(pos) if pos else 1.0
-        # tie-break: bits given up, weighted by parameters, at most TIE_BREAK * the smallest loss in all
-        drop = [np.array([int(size.counts[d]) * (dec.choices[-1] - b) for b in dec.choices], dtype=float)
-                for d, dec in enumerate(space.decisions)]
+        # tie-break: stored bits given up, at most TIE_BREAK * the smallest loss in all
+        drop = [np.asarray(size.bit_table[d][-1] - size.bit_table[d], dtype=float) for d in range(len(n_ch))]
         total = sum(float(t.max()) for t in drop) or 1.0
         self.objective_table = [np.asarray(t, dtype=float) + TIE_BREAK * unit * dr / total for t, dr in zip(loss, drop)]
         # solved in units of 1/1000 of the smallest loss, so HiGHS's absolute tolerances (1e-6) resolve the tie-break

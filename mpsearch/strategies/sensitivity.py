@@ -84,12 +84,13 @@ class Sensitivity:
         raw = self.raw_loss()
         decisions = self.space.decisions
         # Fallback for a decision with no measurement: mean loss per parameter at that bit-width elsewhere.
-        per_param: dict[int, list[float]] = {}
+        per_param: dict = {}
         for (d, i), v in raw.items():
             per_param.setdefault(decisions[d].choices[i], []).append(max(v, 0.0) / max(int(self.sizes.counts[d]), 1))
         out = []
         for d, dec in enumerate(decisions):
             n = dec.n_choices
+            noise = [noise_level(self.space.setting(c).bits) for c in dec.choices]
             known = {n - 1: 0.0}
             known.update({i: max(v, 0.0) for (dd, i), v in raw.items() if dd == d})
             vals = np.zeros(n)
@@ -105,10 +106,10 @@ class Sensitivity:
                     if bits_here:
                         vals[i] = float(np.mean(bits_here)) * int(self.sizes.counts[d])
                     else:  # nothing measured at or below: scale the nearest measured loss above by noise
-                        nh, nb = noise_level(dec.choices[hi]), noise_level(b)
+                        nh, nb = noise[hi], noise[i]
                         vals[i] = known[hi] * (nb / nh) if nh > 0 else 0.0
                     continue
-                nl, nh, nb = noise_level(dec.choices[lo]), noise_level(dec.choices[hi]), noise_level(b)
+                nl, nh, nb = noise[lo], noise[hi], noise[i]
                 w = (nb - nh) / (nl - nh) if nl > nh else 0.0
                 vals[i] = known[hi] + w * (known[lo] - known[hi])
             # a lower choice never loses less than a higher one
