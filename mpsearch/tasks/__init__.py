@@ -5,29 +5,17 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Callable
 
 from ..errors import TaskError
 from .task import Task
 
 
-def _digits() -> Task:
-    from . import digits
-
-    return digits.load_task()
-
-
-def _minilm() -> Task:
-    from . import minilm
-
-    return minilm.load_task()
-
-
-BUILTIN: dict[str, Callable[[], Task]] = {"digits": _digits, "minilm": _minilm}
+# name -> the module (in this package) whose load_task() builds it; imported only when asked for
+BUILTIN: dict[str, str] = {"digits": "digits", "minilm": "minilm", "speech": "speech", "video": "video"}
 DEFAULT = "digits"
 
 
-def _resolve(spec: str) -> Callable:
+def _resolve(spec: str):
     target, _, func = spec.rpartition(":")
     if not target or not func:
         raise TaskError(f"unknown model {spec!r}: use a built-in name ({', '.join(BUILTIN)}), module:function or path/to/file.py:function")
@@ -57,7 +45,7 @@ def _resolve(spec: str) -> Callable:
 def load_task(spec: str) -> Task:
     """A built-in task by name, or the Task returned by a user's function."""
     if spec in BUILTIN:
-        return BUILTIN[spec]().check()
+        return importlib.import_module(f"{__name__}.{BUILTIN[spec]}").load_task().check()
     fn = _resolve(spec)
     try:
         task = fn()
