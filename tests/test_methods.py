@@ -13,7 +13,7 @@ from mpsearch.core import QuantizerConfig, SizeTable
 from mpsearch.core.qconfig import Setting, stored_bits
 from mpsearch.model import build_space
 from mpsearch.quantize import PreparedCache, fake_quantize, quantize
-from mpsearch.quantize.grids import dequant_rows, params, round_to_grid
+from mpsearch.quantize.grids import dequant_rows, fit, round_to_grid
 from mpsearch.quantize.inputs import _patches, input_moments
 from mpsearch.quantize.methods import adaround, gptq, magnitude_mask
 
@@ -37,7 +37,7 @@ def test_gptq_is_sequential_least_squares():
     w, x = _layer()
     h = x.T @ x
     got = gptq(w.float(), 3, CFG, h, damp=0.0, block=3).dequantize().double()
-    s, _ = params(w, 3, CFG)
+    _, s, _ = fit(w, 3, CFG, clip_search=True)  # gptq's scales: the least-error range of the original rows
     ref = w.clone()
     q = torch.zeros_like(w)
     for j in range(w.shape[1]):
@@ -68,7 +68,6 @@ def test_gradient_is_never_worse_than_rtn_on_its_objective(bits):
         h = (x.T @ x).float()
         got = adaround(w.float(), bits, CFG, h, iters=60)
         rtn = quantize(w.float(), bits, CFG)
-        assert torch.equal(got.scales, rtn.scales)  # same grid: only the rounding changed
         e_got = _output_error(w, got.dequantize().double(), x)
         e_rtn = _output_error(w, rtn.dequantize().double(), x)
         assert e_got <= e_rtn * (1 + 1e-6)
@@ -171,6 +170,7 @@ def test_plans_with_methods_and_sparsity_round_trip(tmp_path):
     space = {"choices": [2, 4], "methods": ["rtn", "gptq"], "sparsity": [0, 0.5]}
     res = mpsearch.optimize("digits", space=space, strategy="random", budget=mpsearch.Budget(max_avg_bits=3.5),
                             max_evals=12)
+    assert [t.error for t in res.evaluated if t.error] == []  # gptq's inputs are captured mid-search, safely
     plan = res.plan()
     assert {e["method"] for e in plan.layers.values()} <= {"rtn", "gptq"}
     plan.save(tmp_path / "plan.json")

@@ -60,6 +60,19 @@ class QuantizedWeight:
             w = torch.where(self.mask, w, torch.zeros((), dtype=w.dtype))
         return w.reshape(self.shape).to(dtype).contiguous()
 
+    def compact(self) -> "QuantizedWeight":
+        """The record in the fewest bytes that dequantize to the same values: codes of 8 bits or fewer
+        in one byte, no mask (pruned weights already hold the code of zero)."""
+        signed = self.zero_points is None
+        dtype = (torch.int8 if signed else torch.uint8) if self.bits <= 8 else (torch.int16 if signed else torch.int32)
+        codes = self.codes.to(dtype)
+        return replace(self, codes=codes, mask=None)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.codes, self.scales, self.zero_points, self.mask)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
     def per_element(self, per_group: torch.Tensor) -> torch.Tensor:
         """A per-channel or per-group tensor broadcast to the codes' shape."""
         if self.group_size is None:
@@ -151,16 +164,23 @@ def rtn(w: torch.Tensor, bits: int, cfg: QuantizerConfig, mask: torch.Tensor | N
             src = src.reshape(out, -1).masked_fill(~mask, 0.0).reshape(src.shape)
         rows, pad = grouped(src, cfg)
         keep = None if mask is None else grouped(mask.float().reshape(src.shape), cfg)[0]
-        s, z = params(rows, bits, cfg, 1.0, keep)
-        q = round_to_grid(rows, s, z, bits, cfg)
-        if clip_search and bits > 1:
-            step = max(1, CHUNK_ELEMENTS // rows.shape[1])  # rows are independent: chunks that stay in cache
-            parts = [_clip_search(rows[i:i + step], q[i:i + step], s[i:i + step], None if z is None else z[i:i + step],
-                                  None if keep is None else keep[i:i + step], bits, cfg)
-                     for i in range(0, rows.shape[0], step)]
-            q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            z = None if z is None else torch.cat([p[2] for p in parts])
+        q, s, z = fit(rows, bits, cfg, keep, clip_search)
         return finish(q, s, z, bits, w.shape, cfg, pad, mask)
+
+
+def fit(rows: torch.Tensor, bits: int, cfg: QuantizerConfig, keep: torch.Tensor | None = None,
+        clip_search: bool = False):
+    """(codes, scale, zero_point) of each row; with ``clip_search`` the range of least squared error."""
+    s, z = params(rows, bits, cfg, 1.0, keep)
+    q = round_to_grid(rows, s, z, bits, cfg)
+    if clip_search and bits > 1:
+        step = max(1, CHUNK_ELEMENTS // rows.shape[1])  # rows are independent: chunks that stay in cache
+        parts = [_clip_search(rows[i:i + step], q[i:i + step], s[i:i + step], None if z is None else z[i:i + step],
+                              None if keep is None else keep[i:i + step], bits, cfg)
+                 for i in range(0, rows.shape[0], step)]
+        q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        z = None if z is None else torch.cat([p[2] for p in parts])
+    return q, s, z
 
 
 def _clip_search(rows, q, s, z, keep, bits, cfg):

@@ -18,7 +18,7 @@ from ..core.qconfig import DATA_METHODS, FLOAT16_BITS, UNQUANTIZED_BITS, Quantiz
 from .grids import QuantizedWeight
 from .methods import quantize_setting
 
-CACHE_VERSION = "mpsearch-prepared-1"  # change it when a method's arithmetic changes
+CACHE_VERSION = "mpsearch-prepared-2"  # change it when a method's arithmetic changes
 CACHE_ENV = "MPSEARCH_CACHE_DIR"
 
 
