@@ -75,7 +75,8 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", parser_class=Parser)
 
     def common_search(sp):
-        sp.add_argument("--model", default="digits", help="built-in task (digits, minilm), module:function or file.py:function")
+        sp.add_argument("--model", default="digits", help="built-in task (digits, minilm, speech, video), hf:DIR (a local Hugging Face "
+                        "causal LM), module:function or file.py:function")
         sp.add_argument("--search-space", help="search space YAML (path or name in search_spaces/)")
         sp.add_argument("--max-evals", type=_positive_int, default=200, help="evaluations per run (default 200)")
         sp.add_argument("--wall-time", type=_positive_float, help="stop each run after this many seconds")
@@ -87,6 +88,12 @@ def build_parser() -> Parser:
         sp.add_argument("--fresh", action="store_true", help="discard stored trials and start over")
         sp.add_argument("--option", action="append", metavar="KEY=VALUE", help="strategy option, repeatable")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--text", help="calibration text file for an hf:DIR model (default: sentences shipped with mpsearch)")
+        sp.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda[:N]")
+        sp.add_argument("--threads", type=_positive_int,
+                        help="torch intra-op threads (default: OMP_NUM_THREADS, else the cores free now)")
+        sp.add_argument("--cache-mb", type=_positive_float,
+                        help="memory for quantized weights (default: half the searched weights, >= 1 GB)")
         sp.add_argument("--max-failures", type=_share, default=0.5,
                         help="stop once more than this share of evaluations failed (default 0.5)")
 
@@ -108,10 +115,12 @@ def build_parser() -> Parser:
     e.add_argument("--format", required=True, help="torchao, onnxruntime, llama-cpp, gptqmodel, csv, markdown")
     e.add_argument("--out", required=True)
     e.add_argument("--model", help="task the plan was made for (default: the plan's model name)")
+    e.add_argument("--text", help="calibration text file of an hf:DIR model (as given to search)")
 
     v = sub.add_parser("verify", help="apply a plan and measure size and validation quality", epilog=EXAMPLES["verify"])
     v.add_argument("plan")
     v.add_argument("--model", help="task the plan was made for (default: the plan's model name)")
+    v.add_argument("--text", help="calibration text file of an hf:DIR model (as given to search)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
 
     sh = sub.add_parser("show", help="print a plan's per-layer table", epilog=EXAMPLES["show"])
@@ -166,6 +175,13 @@ def _budget(args):
     return Budget.from_args(args.budget_mb, args.avg_bits)
 
 
+def _evaluator_options(args) -> dict:
+    from .device import resolve_device
+
+    resolve_device(args.device)  # a device that does not exist fails before the model loads
+    return {"device": args.device, "threads": args.threads or "auto", "cache_mb": args.cache_mb}
+
+
 def cmd_search(args) -> int:
     from .pipeline import optimize
     from .report import write_run
@@ -179,6 +195,7 @@ def cmd_search(args) -> int:
     if args.workers and args.workers > 1 and args.strategy == "bayes":
         options.setdefault("batch_size", args.workers)  # TPE constant liar: one candidate per worker
     strategy = get_strategy(args.strategy, **options)  # bad options fail before the model loads
+    evaluator_options = _evaluator_options(args)
     budget = _budget(args)
     url = _storage_url(args, out)
     study = args.study or _study_name(args.model, args.strategy, args.seed, budget)
@@ -188,6 +205,7 @@ def cmd_search(args) -> int:
     def header(evaluator, budget):
         _say(f"mpsearch: {evaluator.task.name}: {evaluator.space.summary()}; full precision "
              f"{evaluator.full_precision_bytes / 1e6:.4g} MB, {evaluator.metric_name} {fmt_metric(evaluator.reference_metric)}")
+        _say(f"mpsearch: device {evaluator.device}, {evaluator.threads} thread(s) ({evaluator.threads_source})")
         _say(f"mpsearch: {args.strategy}, seed {args.seed}, {args.max_evals} evaluations"
              + (f", budget {budget.describe()}" if budget else ", no budget (whole front)") + f"; trials in {url} [{study}]")
 
@@ -195,7 +213,8 @@ def cmd_search(args) -> int:
         warnings.simplefilter("ignore", MPSearchWarning)  # printed below, once, with the results
         res = optimize(args.model, space=args.search_space, strategy=strategy, budget=budget, max_evals=args.max_evals,
                        wall_s=args.wall_time, max_failures=args.max_failures, seed=args.seed, storage=url, study=study,
-                       fresh=args.fresh, progress=not args.no_progress, workers=args.workers, on_start=header)
+                       fresh=args.fresh, progress=not args.no_progress, workers=args.workers, on_start=header,
+                       evaluator_options=evaluator_options, text=args.text)
         r = res.search
         if r.n_resumed:
             _say(f"mpsearch: resumed {r.n_resumed} stored evaluations, computed {r.n_evals - r.n_resumed} new")
@@ -275,11 +294,12 @@ def cmd_compare(args) -> int:
     for n in names:  # unknown names and bad options fail before anything runs
         get_strategy(n, **options)
     budget = _budget(args)
-    task = load_task(args.model)
-    evaluator = Evaluator(task, space_for(task, args.search_space))
+    task = load_task(args.model, args.text)
+    evaluator = Evaluator(task, space_for(task, args.search_space), **_evaluator_options(args))
     url = _storage_url(args, out)
     _say(f"mpsearch: compare {', '.join(names)} x {args.seeds} seeds x {args.max_evals} evaluations on {task.name}"
-         + (f", budget {budget.describe()}" if budget else ""))
+         + (f", budget {budget.describe()}" if budget else "")
+         + f"; device {evaluator.device}, {evaluator.threads} thread(s) ({evaluator.threads_source})")
     results = run_comparison(evaluator, names, list(range(args.seeds)), max_evals=args.max_evals,
                              wall_s=args.wall_time, max_failures=args.max_failures, budget=budget, storage=url,
                              study_prefix=_study_name(args.model, "compare", 0, budget).replace("-seed0", ""),
@@ -292,7 +312,7 @@ def cmd_compare(args) -> int:
     return 130 if results and results[-1].search.stop_reason == "interrupted" else 0
 
 
-def _load_plan_and_task(plan_path: str, model: str | None):
+def _load_plan_and_task(plan_path: str, model: str | None, text: str | None = None):
     from .tasks import BUILTIN, load_task
     from .plan import QuantizationPlan
 
@@ -300,7 +320,7 @@ def _load_plan_and_task(plan_path: str, model: str | None):
     name = model or plan.model.get("name")
     if model is None and name not in BUILTIN:
         raise MPSearchError(f"plan is for model {name!r}, which is not built in: pass --model module:function")
-    return plan, load_task(name)
+    return plan, load_task(name, text)
 
 
 def cmd_export(args) -> int:
@@ -313,7 +333,7 @@ def cmd_export(args) -> int:
     plan = QuantizationPlan.load(args.plan)
     task = None
     if REGISTRY[args.format].needs_model:
-        plan, task = _load_plan_and_task(args.plan, args.model)
+        plan, task = _load_plan_and_task(args.plan, args.model, args.text)
     res = export(plan, args.format, args.out, task, plan_path=args.plan)
     _say(f"wrote {', '.join(str(p) for p in res.paths)} ({res.size_bytes:,} bytes on disk; "
          f"plan predicts {plan.predicted['size_bytes']:,} bytes)")
@@ -326,7 +346,7 @@ def cmd_verify(args) -> int:
     from .plan import verify
     from .report import fmt_metric
 
-    plan, task = _load_plan_and_task(args.plan, args.model)
+    plan, task = _load_plan_and_task(args.plan, args.model, args.text)
     r = verify(plan, task)
     if args.json:
         print(json.dumps(r))

@@ -1,29 +1,43 @@
-"""The evaluator: one forward pass per new candidate, everything else cached.
+"""The evaluator: at most one forward pass per new candidate, less when a prefix was computed before.
 
-Quantized weights are computed once per (layer, bits), lazily, and swapped into the
-model by replacing ``param.data`` (no copy), only for layers whose bits change.
-Scores are memoized by candidate, so a strategy that asks again pays nothing and a
-shared evaluator makes every strategy pay the same price per evaluation.
+* Weights: a candidate's quantized weights enter the model one layer at a time, while that layer
+  runs (forward hooks swap ``param.data`` in and back, no copy), so only the model itself stays in
+  float. Quantized weights are kept in a least-recently-used cache bounded by ``cache_mb``; one
+  evicted is recomputed (cheap methods) or read back from the disk cache (gptq, gradient).
+* Prefixes: for a model that runs a sequence of blocks (``model.blocks``), each block's output on
+  each calibration batch is kept, keyed by the choices of every searched layer at or before it, in
+  a cache bounded by ``activation_cache_mb``. A candidate that first differs from an earlier one in
+  block k skips blocks 0..k-1: their outputs are the same tensors, so scores are identical.
+* Scores are memoized by candidate, so a strategy that asks again pays nothing and a shared
+  evaluator makes every strategy pay the same price per evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import resource
 import time
+from collections import Counter, OrderedDict
 from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
 
-from .core.qconfig import DATA_METHODS, UNQUANTIZED_BITS
+from .core.qconfig import DATA_METHODS, FLOAT16_BITS, UNQUANTIZED_BITS
 from .core.records import Evaluation
 from .core.sizes import SizeTable
 from .core.space import Candidate, SearchSpace, as_choice
+from .device import resolve_device, set_threads
 from .errors import MPSearchError, TaskError
 from .metrics import Metric, get_metric
+from .model.blocks import ReusePlan, clone_output, find_blocks, output_bytes
 from .model.walk import model_fingerprint
-from .quantize import PreparedCache, default_cache_dir, fake_quantize, mse, sqnr_db
+from .quantize import PreparedCache, QuantizedWeight, default_cache_dir, mse, quantize, sqnr_db
 from .quantize.inputs import input_moments
 from .tasks.task import Task
+
+MB = 1 << 20
 
 
 def _call(model: torch.nn.Module, inputs: Any):
@@ -32,6 +46,16 @@ def _call(model: torch.nn.Module, inputs: Any):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def _to(x: Any, device: torch.device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
 
 
 def _concat(parts: list) -> Any:
@@ -51,14 +75,100 @@ def _check_finite_weights(task: Task) -> None:
                             "mpsearch quantizes finite weights only")
 
 
-class Evaluator:
-    """Swaps quantized weights into the task's model while it scores candidates.
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
-    Use it as a context manager (or call ``restore()``): the model gets its own weights back
-    on exit. ``mpsearch.optimize`` does this for you.
+
+def available_mb() -> float:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MB
+    except (ValueError, OSError, AttributeError):
+        return 4096.0
+
+
+def _libc_trim():
+    """glibc's malloc_trim: hands freed heap pages back to the system. Weights evicted from the bounded
+    caches free tensors in the middle of the heap, which glibc otherwise keeps (measured: 1.1 GB kept on a
+    0.1B model after 30 evaluations); None where there is no glibc."""
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+class LRUCache:
+    """Tensors (or block outputs) by key, least recently used evicted first beyond ``cap_bytes``."""
+
+    def __init__(self, cap_bytes: int, size=output_bytes):
+        self.cap = int(cap_bytes)
+        self.size = size
+        self.used = 0
+        self.items: OrderedDict = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key):
+        v = self.items.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        self.items.move_to_end(key)
+        self.hits += 1
+        return v
+
+    def touch(self, key) -> None:
+        """Mark as just used without counting a hit (entries whose use a hit above them stood in for)."""
+        if key in self.items:
+            self.items.move_to_end(key)
+
+    def put(self, key, value) -> None:
+        n = self.size(value)
+        if n > self.cap or key in self.items:
+            return
+        self.items[key] = value
+        self.used += n
+        while self.used > self.cap:
+            _, old = self.items.popitem(last=False)
+            self.used -= self.size(old)
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.used = 0
+
+
+class HalfWeight:
+    """A float16 setting's stored record."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+        self.nbytes = w.numel() * 2
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.w.to(dtype)
+
+
+class Evaluator:
+    """Scores candidates on the task's model; the model gets its own weights back when a forward ends.
+
+    ``cache_mb``: quantized weights kept in memory; ``activation_cache_mb``: block outputs kept for prefix
+    reuse (defaults: together half the model's bytes plus 768 MB, at most a quarter of the free memory,
+    a third of it, at most 512 MB, for block outputs); ``blocks``: a regex naming the block sequence (default: found automatically;
+    "" turns reuse off); ``device``: where the model runs (its outputs are scored on the CPU).
+    Use it as a context manager, or call ``close()``: hooks come off and the model is as it was.
     """
 
-    def __init__(self, task: Task, space: SearchSpace, activation_bits: int = 32, cache_dir="default"):
+    def __init__(self, task: Task, space: SearchSpace, activation_bits: int = 32, cache_dir="default",
+                 cache_mb: float | None = None, activation_cache_mb: float | None = None, blocks: str | None = None,
+                 device: str | torch.device = "cpu", threads: int | str | None = None):
+        self.threads, self.threads_source = set_threads(threads)
         task.check()
         _check_finite_weights(task)
         if space.fingerprint and model_fingerprint(task.model) != space.fingerprint:
@@ -66,21 +176,38 @@ class Evaluator:
                                 f"(fingerprint {space.fingerprint[:19]}...); build the space from this task's model")
         self.task = task
         self.space = space
-        self.model = task.model.eval()
+        self.device = resolve_device(device)
+        self._home = next(task.model.parameters()).device
+        self.model = task.model.eval().to(self.device)
         self.metric: Metric = get_metric(task.metric, task.has_targets)
-        self.calibration = list(task.calibration)
-        self.validation = list(task.validation)
+        # batches live where the model runs; outputs and targets are scored on the CPU
+        self.calibration = [(_to(x, self.device), t) for x, t in task.calibration]
+        self.validation = [(_to(x, self.device), t) for x, t in task.validation]
         named = dict(self.model.named_modules(remove_duplicate=False))
         self._params = {n: named[n].weight for n in space.layers}
         self._original = {n: p.data for n, p in self._params.items()}
-        self._qcache: dict[tuple, torch.Tensor] = {}
         self._groups = {n: getattr(named[n], "groups", 1) for n in space.layers}
         self._moments: dict[str, torch.Tensor] | None = None
         self.prepared = PreparedCache(default_cache_dir() if cache_dir == "default" else cache_dir)
-        self.prep_s = 0.0  # one-off preparation: inputs captured, weights quantized
+        # Default memory beside the model: half the model's bytes plus 768 MB, at most a quarter of the free
+        # memory; a third of it (at most 512 MB) for block outputs, the rest for quantized weights.
+        model_mb = sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) / MB
+        extra = min(0.5 * model_mb + 768.0, 0.25 * available_mb())
+        if activation_cache_mb is None:
+            activation_cache_mb = min(512.0, extra / 3)
+        if cache_mb is None:
+            cache_mb = max(64.0, extra - activation_cache_mb)
+        self._activation_cache_mb = activation_cache_mb
+        # half for dequantized weights ready to swap in, half for the compact records they come from
+        self.weights = LRUCache(int(cache_mb * MB / 2), size=lambda t: t.numel() * t.element_size())
+        self.stored = LRUCache(int(cache_mb * MB / 2), size=lambda r: r.nbytes)
+        self.prep_s = 0.0  # one-off preparation: inputs captured, weights quantized the first time
+        self.requant_s = 0.0  # recomputing weights the bounded cache had evicted (part of evaluations)
         self.prep_log: dict[tuple, float] = {}
         self._memo: dict[tuple[str, Candidate], Evaluation] = {}
         self.n_forward = 0  # forward passes over a split, for tests and benchmarks
+        self._current: dict[str, Any] | None = None  # layer -> choice while a candidate runs
+        self._hooks = self._install_weight_hooks(named)
         macs = self._count_macs()
         self.sizes = SizeTable(space, macs=macs, activation_bits=activation_bits)
         self._targets = {
@@ -100,6 +227,12 @@ class Evaluator:
             if not _usable(v):
                 raise TaskError(f"task {task.name!r}: the metric of the full-precision model on the {name} split "
                                 f"is {v}, not a number to rank by")
+        self.activations = LRUCache(int(self._activation_cache_mb * MB))
+        self._batch: tuple | None = None  # (split, batch index) while a batch runs
+        self._prefix_keys: list[tuple] = []
+        self.points_run = self.points_reused = 0  # reuse points computed / answered from the cache
+        self.prefix = self._plan_prefix(blocks if blocks is not None else space.blocks)
+        self._points = [named[n] for n in self.prefix.points] if self.prefix is not None else []
 
     # ---- forward passes -----------------------------------------------------------------
     @staticmethod
@@ -109,14 +242,21 @@ class Evaluator:
 
     def _output(self, out: Any):
         if self.task.output_fn is not None:
-            return self.task.output_fn(out)
-        if isinstance(out, (tuple, list)):
-            return out[0]
-        return out
+            out = self.task.output_fn(out)
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            return out
+        out = out.detach().cpu()
+        return out.float() if out.is_floating_point() else out  # bfloat16/float16 models are scored in float32
 
-    def _forward(self, batches: list):
+    def _forward(self, batches: list, split: str | None = None):
+        outs = []
         with torch.inference_mode():
-            outs = [self._output(_call(self.model, x)) for x, _ in batches]
+            for i, (x, _) in enumerate(batches):
+                self._batch = None if split is None else (split, i)
+                outs.append(self._output(_call(self.model, _to(x, self.device))))
+        self._batch = None
         self.n_forward += 1
         return _concat(outs)
 
@@ -133,7 +273,7 @@ class Evaluator:
             mod = named.get(name)
             if isinstance(mod, torch.nn.Linear):
                 per_out = mod.in_features
-            elif isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            elif isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
                 per_out = (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
             else:
                 continue
@@ -145,14 +285,37 @@ class Evaluator:
         try:
             x = self.calibration[0][0]
             with torch.inference_mode():
-                out = self._output(_call(self.model, x))
+                out = self._output(_call(self.model, _to(x, self.device)))
             n = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() > 0 else 1
         finally:
             for h in hooks:
                 h.remove()
         return {k: v // max(n, 1) for k, v in counts.items()}
 
-    # ---- weights --------------------------------------------------------------------------
+    # ---- weights: swapped in while their layer runs ------------------------------------------
+    def _install_weight_hooks(self, named: dict) -> list:
+        by_module: dict[str, list[str]] = {}
+        for layer, spec in self.space.layers.items():
+            for m in (layer, *spec.aliases):
+                by_module.setdefault(m, []).append(layer)
+        hooks = []
+        for m, layers in by_module.items():
+            hooks.append(named[m].register_forward_pre_hook(lambda mod, args, layers=layers: self._swap_in(layers)))
+            hooks.append(named[m].register_forward_hook(lambda mod, args, out, layers=layers: self._swap_out(layers)))
+        return hooks
+
+    def _swap_in(self, layers: list[str]) -> None:
+        if self._current is None:
+            return
+        for layer in layers:
+            self._swap(layer, self.quantized_weight(layer, self._current[layer]))
+
+    def _swap_out(self, layers: list[str]) -> None:
+        if self._current is None:
+            return
+        for layer in layers:
+            self._swap(layer, self._original[layer])
+
     def input_moments(self) -> dict[str, torch.Tensor]:
         """H of every layer that some choice quantizes with a method that uses its inputs: captured once,
         on the full-precision model (``quantize.inputs``)."""
@@ -162,30 +325,58 @@ class Evaluator:
             for name, spec in self.space.layers.items():
                 if any(self.space.setting(c).method in DATA_METHODS for c in spec.choices):
                     wanted[name] = (name,) + spec.aliases
-            self.restore()
-            self._moments = input_moments(self.model, self.calibration, wanted, _call) if wanted else {}
+            # may be first needed while a candidate runs: capture on the model's own weights all the same
+            current, batch, self._current, self._batch = self._current, self._batch, None, None
+            try:
+                self.restore()
+                self._moments = input_moments(self.model, self.calibration,
+                                              wanted, _call) if wanted else {}
+            finally:
+                self._current, self._batch = current, batch
+            self._moments = {k: v.cpu() for k, v in self._moments.items()}
             self.prep_s += time.perf_counter() - t0
         return self._moments
 
     def quantized_weight(self, layer: str, choice) -> torch.Tensor:
-        """The weight the model computes with at ``choice``: prepared once per (layer, choice), timed apart
-        from evaluations (``prep_log``)."""
+        """The weight the model computes with at ``choice``, in the model's dtype.
+
+        Two bounded tiers: dequantized weights ready to swap in, and below them the stored records
+        (one-byte codes and scales, a quarter of float32). The first quantization of a (layer, choice)
+        is preparation (``prep_log``); quantizing again one both tiers evicted is ``requant_s``, and
+        dequantizing is part of the evaluation that needs it."""
         setting = self.space.setting(choice)
         if setting.bits >= UNQUANTIZED_BITS:
             return self._original[layer]
         key = (layer, choice)
-        q = self._qcache.get(key)
-        if q is None:
-            hessian = self.input_moments().get(layer) if setting.method in DATA_METHODS else None
+        w = self.weights.get(key)
+        if w is not None:
+            return w
+        stored = self.stored.get(key)
+        if stored is None:
+            if setting.method in DATA_METHODS:
+                self.input_moments()  # timed as preparation of its own
             t0 = time.perf_counter()
-            with torch.no_grad():
-                q = fake_quantize(self._original[layer], setting, self.space.quantizer, hessian, self._groups[layer],
-                                  self.prepared)
-            self._qcache[key] = q
+            stored = self._quantize(layer, setting)
+            self.stored.put(key, stored)
             dt = time.perf_counter() - t0
-            self.prep_log[key] = dt
-            self.prep_s += dt
-        return q
+            if key in self.prep_log:
+                self.requant_s += dt
+            else:
+                self.prep_log[key] = dt
+                self.prep_s += dt
+        w = stored.dequantize(self._original[layer].dtype).to(self.device)
+        self.weights.put(key, w)
+        return w
+
+    def _quantize(self, layer: str, setting) -> "QuantizedWeight | HalfWeight":
+        """A layer's stored record at an integer or float16 setting; quantized in float32 whatever the model's
+        dtype. Methods that use inputs (gptq, gradient) read their H, and the disk cache, on the way."""
+        w = self._original[layer].detach().to("cpu", torch.float32)
+        if setting.bits == FLOAT16_BITS:
+            return HalfWeight(w.to(torch.float16))
+        hessian = self.input_moments().get(layer) if setting.method in DATA_METHODS else None
+        with torch.no_grad():
+            return quantize(w, setting, self.space.quantizer, hessian, self._groups[layer], self.prepared).compact()
 
     def layer_error(self, layer: str, choice) -> dict[str, float]:
         w, q = self._original[layer], self.quantized_weight(layer, choice)
@@ -203,11 +394,8 @@ class Evaluator:
             self.quantized_weight(n, c)
 
     def apply(self, candidate: Sequence) -> None:
-        """Put the candidate's weights in the model, touching only layers that hold other weights.
-
-        The check reads the parameter itself rather than a record of what was applied, so
-        several evaluators (or a user) may share one model safely.
-        """
+        """Put all the candidate's weights in the model at once (for using the model outside ``evaluate``);
+        ``restore()`` takes them out."""
         for layer, choice in self.space.layer_choices(candidate).items():
             self._swap(layer, self.quantized_weight(layer, choice))
 
@@ -215,40 +403,123 @@ class Evaluator:
         for layer in self._params:
             self._swap(layer, self._original[layer])
 
+    def close(self) -> None:
+        """The model as it was: its own weights, no hooks, back where it lived."""
+        self.restore()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.weights.clear()
+        self.stored.clear()
+        self.activations.clear()
+        self.model.to(self._home)
+
     def _swap(self, layer: str, weight: torch.Tensor) -> None:
         p = self._params[layer]
         if p.data_ptr() != weight.data_ptr():
             p.data = weight
 
+    # ---- prefixes: block outputs kept and reused ---------------------------------------------
+    def _plan_prefix(self, pattern: str | None) -> ReusePlan | None:
+        if pattern == "":
+            return None
+        blocks = find_blocks(self.model, list(self.space.layers), pattern)
+        if len(blocks) < 2:
+            return None
+        decisions = [tuple(x for n in d.layers for x in (n, *self.space.layers[n].aliases)) for d in self.space.decisions]
+        plan = ReusePlan(self.model, blocks, decisions, lambda: self._forward(self.calibration[:1]))
+        return plan if plan.points else None
+
+    @contextlib.contextmanager
+    def _reusing_prefixes(self):
+        """Forwards of the reuse points that look their output up first, only while one evaluation runs, so
+        the model outside ``evaluate`` (copies of it included) is the user's own."""
+        if self.prefix is None:
+            yield
+            return
+        saved = []
+        for j, module in enumerate(self._points):
+            own = module.__dict__.get("forward")
+            orig = module.forward
+
+            def forward(*args, _orig=orig, _j=j, **kwargs):
+                if self._batch is None or self._current is None:
+                    return _orig(*args, **kwargs)
+                key = (self._batch, _j, self._prefix_keys[_j])
+                hit = self.activations.get(key)
+                if hit is not None:
+                    self.points_reused += 1
+                    for i in self.prefix.inside[_j]:  # kept as fresh as the output that stood in for them
+                        self.activations.touch((self._batch, i, self._prefix_keys[i]))
+                    return clone_output(hit)
+                self.points_run += 1
+                out = _orig(*args, **kwargs)
+                self.activations.put(key, clone_output(out))
+                return out
+
+            module.forward = forward
+            saved.append((module, own))
+        try:
+            yield
+        finally:
+            for module, own in saved:
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
+
+    def prefix_order(self, candidates: Sequence[Candidate]) -> list[int]:
+        """Indices of ``candidates`` in the order that reuses the most: the batch's common candidate (its most
+        frequent choice per decision) first, then the others by how late in the forward they first depart from
+        it, latest first. Each one then finds the common prefix it needs freshly used, while the outputs it
+        passes over, which no later candidate in the batch needs, are the ones the bounded cache drops first."""
+        if self.prefix is None or len(candidates) < 2:
+            return list(range(len(candidates)))
+        order = self.prefix.order
+        common = [Counter(c[d] for c in candidates).most_common(1)[0][0] for d in range(len(candidates[0]))]
+
+        def departs(c) -> int:
+            return next((k for k, d in enumerate(order) if c[d] != common[d]), len(order))
+
+        return sorted(range(len(candidates)), key=lambda i: (-departs(candidates[i]), i))
+
     # ---- scoring ---------------------------------------------------------------------------
-    def evaluate(self, candidate: Sequence[int], split: str = "calibration") -> Evaluation:
+    def evaluate(self, candidate: Sequence, split: str = "calibration") -> Evaluation:
         cand = self.space.check_candidate(candidate)
         key = (split, cand)
         hit = self._memo.get(key)
         if hit is not None:
             return replace(hit, cached=True)
-        prep0 = self.prep_s
-        for layer, choice in self.space.layer_choices(cand).items():  # one-off work, timed apart
-            self.quantized_weight(layer, choice)
-        prep = self.prep_s - prep0
+        prep0, requant0 = self.prep_s, self.requant_s
         t0 = time.perf_counter()
         error = None
+        self.restore()
+        self._current = self.space.layer_choices(cand)
+        if self.prefix is not None:
+            self._prefix_keys = [tuple(cand[d] for d in k) for k in self.prefix.keys]
         try:
-            self.apply(cand)
             batches = self.calibration if split == "calibration" else self.validation
-            value = self._score(split, self._forward(batches))
+            with self._reusing_prefixes():
+                outputs = self._forward(batches, split)
+            value = self._score(split, outputs)
             if not _usable(value):
                 error = f"the metric is {value}, not a number to rank by"
         except Exception as exc:  # the user's model or metric failed on this candidate: a failed trial, not a crash
             value, error = math.nan, f"{type(exc).__name__}: {exc}".strip()[:2000]
-        wall = time.perf_counter() - t0
+        finally:
+            self._current = None
+            self.restore()
+        if _TRIM is not None and self.weights.evictions + self.stored.evictions + self.activations.evictions:
+            _TRIM(0)
+        prep = self.prep_s - prep0
+        wall = time.perf_counter() - t0 - prep  # preparation is one-off work, reported apart
         size = self.sizes.size(cand)
         ev = Evaluation(cand, size.size_bytes, size.avg_bits, value if error is None else math.nan, wall, error=error,
                         prep_s=prep)
         self._memo[key] = ev
         return ev
 
-    def validation_metric(self, candidate: Sequence[int]) -> float:
+    def validation_metric(self, candidate: Sequence) -> float:
         """Quality on the validation split: what a chosen plan is reported with (NaN when it failed)."""
         return self.evaluate(candidate, split="validation").metric
 
@@ -257,12 +528,23 @@ class Evaluator:
         batches = self.calibration if split == "calibration" else self.validation
         return self._score(split, self._forward(batches))
 
-    def is_memoized(self, candidate: Sequence[int], split: str = "calibration") -> bool:
+    def is_memoized(self, candidate: Sequence, split: str = "calibration") -> bool:
         return (split, tuple(as_choice(b) for b in candidate)) in self._memo
 
     def remember(self, ev: Evaluation, split: str = "calibration") -> None:
         """Seed the memo with a stored evaluation (resume), so it is never computed again."""
         self._memo[(split, tuple(ev.candidate))] = ev
+
+    def memory(self) -> dict:
+        """Peak resident memory and the two caches, for summaries and benchmarks."""
+        return {"peak_rss_mb": round(peak_rss_mb(), 1), "device": str(self.device), "threads": self.threads,
+                "model_mb": round(sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) / MB, 1),
+                "weight_cache_mb": round((self.weights.used + self.stored.used) / MB, 1),
+                "weight_cache_cap_mb": round((self.weights.cap + self.stored.cap) / MB, 1),
+                "activation_cache_mb": round(self.activations.used / MB, 1),
+                "reuse_points": len(self.prefix.points) if self.prefix is not None else 0,
+                **({"peak_device_mb": round(torch.cuda.max_memory_allocated(self.device) / MB, 1)}
+                   if self.device.type == "cuda" else {})}
 
     @property
     def full_precision_bytes(self) -> int:
@@ -280,4 +562,4 @@ class Evaluator:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.restore()
+        self.close()

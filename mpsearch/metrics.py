@@ -44,6 +44,12 @@ def neg_kl(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     return -F.kl_div(logp, logq, log_target=True, reduction="none").sum(-1).mean().item()
 
 
+def neg_perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """-perplexity of the token sequences: logits (N, T, V) at position t predict token t + 1."""
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1).long())
+    return -math.exp(nll.item())
+
+
 def cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     return F.cosine_similarity(_rows(outputs), _rows(reference), dim=1).mean().item()
 
@@ -61,11 +67,15 @@ def sqnr(outputs: torch.Tensor, reference: torch.Tensor) -> float:
 BUILTIN = {
     "accuracy": Metric("accuracy", accuracy, True),
     "neg_kl": Metric("neg_kl", neg_kl, False),
+    # language models: -KL of every next-token distribution to the full-precision one's, averaged over tokens
+    "neg_token_kl": Metric("neg_token_kl", neg_kl, False),
+    "neg_perplexity": Metric("neg_perplexity", neg_perplexity, True),
     "cosine": Metric("cosine", cosine, False),
     "neg_mse": Metric("neg_mse", neg_mse, False),
     "sqnr": Metric("sqnr", sqnr, False),
 }
-ALIASES = {"kl": "neg_kl", "mse": "neg_mse"}  # the values are -KL and -MSE: higher is better
+# the values are -KL, -MSE and -perplexity: higher is better
+ALIASES = {"kl": "neg_kl", "mse": "neg_mse", "token_kl": "neg_token_kl", "perplexity": "neg_perplexity"}
 
 
 def get_metric(metric: str | Callable | Metric, has_targets: bool) -> Metric:

@@ -36,6 +36,7 @@ class OptimizeResult:
     chosen_validation_metric: float | None = None
     uniform_at_same_size: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # peak resident memory and cache use when the run ended
     _plan: Any = None
 
     # ---- what a user reads ---------------------------------------------------------------
@@ -90,16 +91,17 @@ class OptimizeResult:
         if self.uniform_at_same_size is not None:
             out["uniform_at_same_size"] = self.uniform_at_same_size
         out["warnings"] = list(self.warnings)
+        out["memory"] = dict(self.memory)
         return out
 
 
-def _as_task(task, calibration, validation, metric, name):
+def _as_task(task, calibration, validation, metric, name, text=None):
     from torch import nn
 
     from .tasks import Task, load_task
 
     if isinstance(task, str):
-        return load_task(task)
+        return load_task(task, text)
     if isinstance(task, Task):
         return task.check()
     if isinstance(task, nn.Module):
@@ -151,11 +153,13 @@ def optimize(
     workers: int = 0,
     progress: bool = False,
     evaluator=None,
+    evaluator_options: dict | None = None,
     calibration: list | None = None,
     validation: list | None = None,
     metric: str | Callable | None = None,
     name: str | None = None,
     on_start: Callable[[Any, Any], None] | None = None,
+    text: str | None = None,
 ) -> OptimizeResult:
     """Search per-layer bit-widths for ``task`` and return every evaluation, the front, the chosen point and its plan.
 
@@ -166,7 +170,8 @@ def optimize(
     a ``SearchSpace``. ``budget``: a ``Budget``; without one the whole front is searched and
     the knee is chosen. ``storage``: an Optuna storage URL to persist and resume trials.
     ``workers``: evaluate in N worker processes sharing ``storage`` (``task`` must be a spec
-    string then). ``evaluator``: share one evaluator (and its cache) between runs.
+    string then). ``evaluator``: share one evaluator (and its cache) between runs; ``evaluator_options``:
+    for the one made here (``cache_mb``, ``activation_cache_mb``, ``blocks``, ``device``).
     ``max_failures``: the share of failed evaluations (a forward that raises, a metric that is not
     finite) above which the search stops; failed ones are recorded and never asked again.
     ``on_start(evaluator, budget)`` is called once everything is built, before the search.
@@ -176,11 +181,12 @@ def optimize(
         raise MPSearchError(f"seed must be a non-negative integer, got {seed!r}")
     strategy = get_strategy(strategy, **(options or {})) if isinstance(strategy, str) else strategy
     termination = Termination(max_evals=max_evals, wall_s=wall_s, max_failures=max_failures)
-    if evaluator is None:
+    own = evaluator is None
+    if own:
         from .evaluator import Evaluator
 
-        task_obj = _as_task(task, calibration, validation, metric, name)
-        evaluator = Evaluator(task_obj, _as_space(task_obj, space))
+        task_obj = _as_task(task, calibration, validation, metric, name, text)
+        evaluator = Evaluator(task_obj, _as_space(task_obj, space), **(evaluator_options or {}))
     task_name = evaluator.task_name
     notes = []
     if budget is not None:
@@ -192,6 +198,8 @@ def optimize(
     if workers:
         from .workers import local_pool
 
+        if text is not None:
+            raise MPSearchError("workers load the task by its spec and cannot take a text file; drop --workers or --text")
         if not isinstance(task, str) or not isinstance(storage, str):
             raise MPSearchError("workers need the task as a spec string (e.g. 'digits') and a storage URL to share")
         space_file = None if space is None else str(space)
@@ -215,7 +223,10 @@ def optimize(
     finally:
         if executor is not None:
             executor.close()
-        evaluator.restore()
+        if own:  # one it made: hooks off, the model as it was; a shared one stays ready for the next run
+            evaluator.close()
+        else:
+            evaluator.restore()
 
 
 def _finish(result: SearchResult, evaluator, task_name: str) -> OptimizeResult:
@@ -226,6 +237,7 @@ def _finish(result: SearchResult, evaluator, task_name: str) -> OptimizeResult:
     baselines = [replace(evaluator.evaluate(space.uniform(b)), number=n + i, strategy="uniform-baseline",
                          seed=result.seed) for i, b in enumerate(space.uniform_choices())]
     out = OptimizeResult(result, task_name, space, evaluator.reference_validation_metric, baselines)
+    out.memory = evaluator.memory() if hasattr(evaluator, "memory") else {}
     # chosen among everything the run evaluated, so no point it printed beats the plan
     if result.budget is not None:
         out.chosen, out.point = best_within(out.evaluated, result.budget), "best within budget"

@@ -54,6 +54,8 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
 
 METRIC_LABELS = {"neg_kl": "-KL to full precision (higher is better)",
                  "neg_mse": "-MSE to full precision (higher is better)",
+                 "neg_token_kl": "-KL per token to full precision (higher is better)",
+                 "neg_perplexity": "-perplexity (higher is better)",
                  "cosine": "cosine to full precision", "sqnr": "SQNR to full precision (dB)"}
 
 

@@ -74,6 +74,7 @@ class SpaceSpec(_Strict):
     methods: list[Method] | None = Field(default=None, min_length=1)
     sparsity: list[float | Literal["2:4"]] | None = Field(default=None, min_length=1)
     quantizer: SpaceQuantizerSpec | None = None
+    blocks: str | None = Field(default=None, description="regex of the block sequence for prefix reuse; '' for none")
 
     @field_validator("sparsity")
     @classmethod

@@ -116,10 +116,12 @@ class LocalExecutor:
 
     def run(self, candidates: Sequence[Candidate], on_result: Callable[[Evaluation, bool], None],
             should_stop: Callable[[], bool]) -> None:
-        for c in candidates:
+        # in the order that shares block prefixes best; each recorded as it completes, so a kill loses none
+        order = getattr(self.evaluator, "prefix_order", None)
+        for i in (order(candidates) if order is not None else range(len(candidates))):
             if should_stop():
                 return
-            on_result(self.evaluator.evaluate(c), False)
+            on_result(self.evaluator.evaluate(candidates[i]), False)
 
 
 def search(

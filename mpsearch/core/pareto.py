@@ -22,8 +22,10 @@ HV_REFERENCE = (1.0, 0.0)
 
 def normalize(metric_name: str, value: float, reference: float) -> float:
     """A metric value on the scale 1 = full precision, 0 = nothing (higher is better)."""
-    if metric_name in ("neg_kl", "kl"):  # "kl": plans written before the name said -KL
+    if metric_name in ("neg_kl", "kl", "neg_token_kl"):  # "kl": plans written before the name said -KL
         return math.exp(value)  # value = -KL
+    if metric_name == "neg_perplexity":  # value = -perplexity: the full-precision perplexity over this one's
+        return reference / value if value < 0 else 0.0
     if metric_name in ("neg_mse", "mse"):
         return 1.0 / (1.0 - value)  # value = -MSE
     if metric_name == "sqnr":

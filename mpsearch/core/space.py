@@ -87,6 +87,7 @@ class SearchSpace:
     excluded: list[str] = field(default_factory=list)  # quantizable layers the space leaves in float
     settings: dict = field(default_factory=dict)  # choice -> Setting, for every choice the space offers
     method: str = "rtn"  # the method of choices given as bits alone
+    blocks: str | None = None  # regex naming the model's block sequence (prefix reuse); None: found automatically
 
     def setting(self, choice: Choice) -> Setting:
         """What a choice means: its bits, method and sparsity."""

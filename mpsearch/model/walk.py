@@ -70,6 +70,7 @@ def build_space(
     layer_choices: dict[str, Sequence[int]] | None = None,
     methods: Sequence[str] | None = None,
     sparsity: Sequence[float | str] | None = None,
+    blocks: str | None = None,
     min_bits: int | None = None,
     max_bits: int | None = None,
     quantizer: QuantizerConfig | dict | None = None,
@@ -86,7 +87,8 @@ def build_space(
         quantizer = quantizer.to_dict()
     raw = {"choices": list(choices) if isinstance(choices, (list, tuple)) else choices, "include": include,
            "exclude": exclude, "types": types, "pin": pin, "tie": tie, "limits": limits,
-           "layer_choices": layer_choices, "methods": methods, "sparsity": sparsity, "quantizer": quantizer}
+           "layer_choices": layer_choices, "methods": methods, "sparsity": sparsity, "quantizer": quantizer,
+           "blocks": blocks}
     spec = parse(SpaceSpec, {k: v for k, v in raw.items() if v is not None}, source, SpaceError)
     base_choices = check_bits(spec.choices, "choices")
     types = list(spec.types or LAYER_TYPES)
@@ -100,6 +102,7 @@ def build_space(
     include, exclude, pin, tie = spec.include, spec.exclude, spec.pin, spec.tie
     limits = {k: v.model_dump(exclude_none=True) for k, v in (spec.limits or {}).items()}
     layer_choices = spec.layer_choices
+    blocks = spec.blocks
 
     found: dict[str, LayerSpec] = {}
     by_param: dict[int, str] = {}
@@ -219,6 +222,7 @@ def build_space(
         excluded=[n for n in names if n not in layers],
         settings=settings,
         method=method,
+        blocks=blocks,
     )
 
 

@@ -18,7 +18,8 @@ DEFAULT = "digits"
 def _resolve(spec: str):
     target, _, func = spec.rpartition(":")
     if not target or not func:
-        raise TaskError(f"unknown model {spec!r}: use a built-in name ({', '.join(BUILTIN)}), module:function or path/to/file.py:function")
+        raise TaskError(f"unknown model {spec!r}: use a built-in name ({', '.join(BUILTIN)}), hf:DIR, module:function "
+                        "or path/to/file.py:function")
     if target.endswith(".py") or "/" in target:
         path = Path(target)
         if not path.is_file():
@@ -42,8 +43,17 @@ def _resolve(spec: str):
     return fn
 
 
-def load_task(spec: str) -> Task:
-    """A built-in task by name, or the Task returned by a user's function."""
+def load_task(spec: str, text: str | None = None) -> Task:
+    """A built-in task by name, a local Hugging Face directory (``hf:PATH``, calibrated on ``text``),
+    or the Task returned by a user's function."""
+    if not isinstance(spec, str) or not spec:
+        raise TaskError(f"a model spec must be a non-empty string, got {spec!r}")
+    if spec.startswith("hf:"):
+        from .causal_lm import load_hf_task
+
+        return load_hf_task(spec[3:], text).check()
+    if text is not None:
+        raise TaskError("a text file calibrates hf: models only; a built-in or user task brings its own data")
     if spec in BUILTIN:
         return importlib.import_module(f"{__name__}.{BUILTIN[spec]}").load_task().check()
     fn = _resolve(spec)

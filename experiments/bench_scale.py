@@ -1,0 +1,204 @@
+"""(scale) Memory and time of the evaluator on models of real size, and prefix reuse on MiniLM.
+
+* Synthetic pre-norm transformer stacks (width 1024-2048, 4 searched Linear per block: fused qkv, o, up,
+  down) of about 0.1B, 0.4B and 1.2B parameters, in float32 and bfloat16, each in its own process (so
+  peak RSS is that size's own): model bytes, peak RSS, a plain forward, and the mean evaluation time
+  of a 100-evaluation random search and of a greedy budget search (<= 4 average bits) at 6 bit choices.
+  Memory target: peak RSS <= 1.6 x model bytes + 1.5 GB.
+* MiniLM, 300-evaluation searches (greedy at <= 4.0 average bits; bayes, pso and random on the whole
+  front): mean evaluation cost as a fraction of one plain forward timed right after every evaluation, in
+  the same run, and the largest difference between a score with prefix reuse and a full forward.
+
+    python experiments/bench_scale.py [--sizes 0.1B,0.4B,1.2B] [--dtypes float32,bfloat16] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from common import RESULTS, Timer, environment, write_json
+from mpsearch import optimize
+from mpsearch.core import Budget
+from mpsearch.evaluator import Evaluator
+from mpsearch.model import build_space, space_for
+from mpsearch.tasks import Task, load_task
+
+OUT = RESULTS / "cost"
+SIZES = {"0.1B": (1024, 8), "0.4B": (2048, 8), "1.2B": (2048, 24)}  # (width, blocks); 12 width^2 per block
+TOKENS = (2, 32)  # calibration: 2 sequences of 32 tokens, one batch; validation the same
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.o = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.up, self.down = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class Stack(nn.Module):
+    def __init__(self, d: int, n: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(d, d // 64) for _ in range(n))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return self.norm(x)
+
+
+def synthetic_task(size: str, dtype: torch.dtype) -> Task:
+    d, n = SIZES[size]
+    torch.manual_seed(0)
+    model = Stack(d, n)
+    for p in model.parameters():  # small weights keep the residual stream tame over 24 blocks
+        if p.dim() == 2:
+            nn.init.normal_(p, std=0.5 / d ** 0.5)
+    model = model.to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [(torch.randn(*TOKENS, d, generator=g).to(dtype), None)]
+    val = [(torch.randn(*TOKENS, d, generator=g).to(dtype), None)]
+    return Task(model, cal, val, metric="cosine", name=f"stack-{size}-{str(dtype).split('.')[-1]}")
+
+
+def one_size(size: str, dtype_name: str, evals: int) -> dict:
+    dtype = getattr(torch, dtype_name)
+    task = synthetic_task(size, dtype)
+    model_bytes = sum(t.numel() * t.element_size() for t in task.model.state_dict().values())
+    params = sum(p.numel() for p in task.model.parameters())
+    space = build_space(task.model, [2, 3, 4, 5, 6, 8])
+    ev = Evaluator(task, space, cache_dir=None)
+    fwd = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ev._forward(ev.calibration)
+        fwd.append(time.perf_counter() - t0)
+    row = {"size": size, "dtype": dtype_name, "params": params, "model_mb": round(model_bytes / 2**20, 1),
+           "decisions": len(space.decisions), "forward_s": round(statistics.median(fwd), 3)}
+    for strategy, budget in (("random", None), ("greedy", Budget(max_avg_bits=4.0))):
+        with Timer() as t:
+            res = optimize(task, evaluator=ev, strategy=strategy, max_evals=evals, budget=budget, seed=0)
+        walls = [e.wall_s for e in res.search.trials if not e.cached]
+        row[f"{strategy}_evals"] = len(walls)
+        row[f"{strategy}_eval_s"] = round(statistics.mean(walls), 3)
+        row[f"{strategy}_prep_s"] = round(sum(e.prep_s for e in res.search.trials), 1)
+        row[f"{strategy}_wall_s"] = round(t.s, 1)
+        if strategy == "random":  # the memory target is stated for the random search
+            row["peak_rss_mb_random"] = ev.memory()["peak_rss_mb"]
+    mem = ev.memory()
+    row.update(peak_rss_mb=mem["peak_rss_mb"], weight_cache_cap_mb=mem["weight_cache_cap_mb"],
+               limit_mb=round(1.6 * model_bytes / 2**20 + 1536, 1))
+    row["within_limit"] = row["peak_rss_mb"] <= row["limit_mb"]
+    ev.close()
+    return row
+
+
+def minilm_ratios(evals: int, strategies: list[str]) -> list[dict]:
+    task = load_task("minilm")
+    space = space_for(task)
+    rows = []
+    for strategy in strategies:
+        ev = Evaluator(task, space)
+        ev.prepare()  # one-off preparation is reported apart from evaluations
+        fwd = []
+
+        def timed_forward(trial, result):
+            t0 = time.perf_counter()
+            ev._forward(ev.calibration)
+            fwd.append(time.perf_counter() - t0)
+
+        budget = Budget(max_avg_bits=4.0) if strategy == "greedy" else None
+        from mpsearch.search import Termination, search
+
+        res = search(ev, strategy, Termination(max_evals=evals), seed=0, budget=budget, callbacks=[timed_forward])
+        walls = [e.wall_s for e in res.trials if not e.cached]
+        # every score against a full forward without reuse
+        with Evaluator(task, space, blocks="") as plain:
+            sample = res.trials[:: max(1, len(res.trials) // 40)]
+            diff = max(abs(plain.evaluate(t.candidate).metric - t.metric) for t in sample)
+        rows.append({"model": "minilm", "strategy": strategy, "evals": len(walls),
+                     "mean_eval_s": round(statistics.mean(walls), 4), "mean_forward_s": round(statistics.mean(fwd), 4),
+                     "ratio": round(statistics.mean(walls) / statistics.mean(fwd), 3),
+                     "points_reused": ev.points_reused, "points_run": ev.points_run,
+                     "max_score_diff_vs_full_forward": diff, "scores_checked": len(sample)})
+        print(json.dumps(rows[-1]), flush=True)
+        ev.close()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="0.1B,0.4B,1.2B")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--evals", type=int, default=100, help="evaluations per search on the synthetic stacks")
+    p.add_argument("--minilm-evals", type=int, default=300)
+    p.add_argument("--minilm-strategies", default="greedy,bayes,pso,random")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # SIZE:DTYPE, run in a child process
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    a = p.parse_args()
+    if a.one:
+        size, dtype = a.one.split(":")
+        print("ROW " + json.dumps(one_size(size, dtype, a.evals)), flush=True)
+        return
+    rows = []
+    with Timer() as total:
+        for size in [s for s in a.sizes.split(",") if s]:
+            for dtype in [d for d in a.dtypes.split(",") if d]:
+                proc = subprocess.run([sys.executable, __file__, "--one", f"{size}:{dtype}", "--evals", str(a.evals)],
+                                      capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
+                row = json.loads(line[4:]) if line else {"size": size, "dtype": dtype,
+                                                          "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        minilm = minilm_ratios(a.minilm_evals, [s for s in a.minilm_strategies.split(",") if s])
+    out = {"synthetic": rows, "minilm": minilm, "environment": environment(), "wall_s": round(total.s, 1)}
+    write_json(out, OUT / "scale.json")
+    write_markdown(out)
+    if a.json:
+        print(json.dumps(out))
+
+
+def write_markdown(out: dict) -> None:
+    import pandas as pd
+
+    from mpsearch.report import markdown_table
+
+    syn = pd.DataFrame(out["synthetic"])
+    mini = pd.DataFrame(out["minilm"])
+    text = ("# Scale: memory and time on models of real size\n\n"
+            "Synthetic pre-norm transformer stacks, 6 bit choices per Linear (2-8 bits, per-channel rtn), one "
+            "calibration batch of 2 x 32 tokens; each size in its own process. peak_rss_mb is the process's peak "
+            "resident memory after both searches (peak_rss_mb_random: after the 100-evaluation random search); "
+            "limit_mb = 1.6 x model + 1.5 GB. Evaluation times exclude one-off preparation (quantizing a "
+            "(layer, bits) the first time: *_prep_s).\n\n"
+            f"{markdown_table(syn)}\n"
+            "## Prefix reuse on MiniLM\n\n"
+            "Mean evaluation time over a plain forward timed after every evaluation in the same run (1.0: no "
+            "saving); the scores of a sample of the run's candidates recomputed by a full forward without reuse "
+            "differ from the stored ones by at most max_score_diff_vs_full_forward.\n\n"
+            f"{markdown_table(mini)}\n"
+            f"_{out['environment']}; wall time {out['wall_s']:.0f} s; regenerate with "
+            "`python experiments/bench_scale.py`._\n")
+    (OUT / "scale.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The sequence of blocks a model's forward runs through, for reusing what a prefix of them computed.
+
+Transformers (HF ``encoder.layer``, ``model.layers``) and many CNNs run a list of repeated blocks,
+each taking the previous one's output. A candidate that changes no searched layer before block k
+makes blocks 0..k-1 compute exactly what they computed for an earlier candidate with the same
+prefix, so the evaluator keeps their outputs and skips them (``ReusePlan``); the same holds for
+the modules inside a block (attention, MLP, a single layer).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def find_blocks(model: nn.Module, layers: list[str], pattern: str | None = None) -> list[str]:
+    """Module names of the block sequence, in order: those matching ``pattern``, or else the children of the
+    ModuleList/Sequential of repeated (same-class, non-leaf) modules holding the most searched layers."""
+    if pattern is not None:
+        rx = re.compile(pattern)
+        return [n for n, _ in model.named_modules() if n and rx.fullmatch(n)]
+    best, best_count = [], 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            continue
+        kids = [(f"{name}.{k}" if name else k, m) for k, m in mod.named_children()]
+        kinds = {type(m) for _, m in kids}
+        if len(kids) < 2 or len(kinds) != 1 or not any(True for _ in kids[0][1].children()):
+            continue
+        count = sum(1 for layer in layers for k, _ in kids if layer.startswith(k + "."))
+        if count > best_count:
+            best, best_count = [k for k, _ in kids], count
+    return best
+
+
+class ReusePlan:
+    """Where outputs can be kept, and what each one depends on, from the order one forward pass runs modules.
+
+    Reuse points: the blocks and every module inside a block that holds a searched layer (attention,
+    MLP, the searched layers themselves), so a change in a block's MLP still reuses its attention;
+    kept only where some decision starts after the point ends and before the point around it ends.
+    A point's output depends on the decisions with a layer (or alias) whose first call starts before the
+    point's call ends: ``keys[i]``, the decisions of point ``points[i]``'s cache key. This follows the
+    order the forward really ran, so a weight tied or shared across blocks counts from its first use on,
+    and reuse stops before it. A point called more than once per forward (a shared module) is not a point.
+    ``inside[i]``: the points nested in point i. ``order``: the decisions by first call, the order in which candidates sharing prefixes are sorted.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[str], decisions: list[tuple[str, ...]], run: Callable[[], None]):
+        modules = dict(model.named_modules(remove_duplicate=False))
+        searched = {n for layers in decisions for n in layers}
+        inner = [n for n in modules if any(n.startswith(b + ".") for b in blocks)
+                 and any(s == n or s.startswith(n + ".") for s in searched)]
+        watched = sorted(set(blocks) | set(inner) | (searched & set(modules)))
+        events: list[tuple[str, str]] = []
+        hooks = []
+        for n in watched:
+            hooks.append(modules[n].register_forward_pre_hook(lambda m, a, n=n: events.append(("start", n))))
+            hooks.append(modules[n].register_forward_hook(lambda m, a, o, n=n: events.append(("end", n))))
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+        first, end, calls = {}, {}, {}
+        for i, (kind, n) in enumerate(events):
+            if kind == "start":
+                first.setdefault(n, i)
+                calls[n] = calls.get(n, 0) + 1
+            else:
+                end[n] = i
+        block_calls = [n for kind, n in events if kind == "start" and n in set(blocks)]
+        self.usable = bool(blocks) and block_calls == blocks  # each block once, in order
+        self.blocks = blocks
+        candidates = [n for n in watched if n in set(blocks) | set(inner) and calls.get(n) == 1] if self.usable else []
+        candidates.sort(key=lambda n: first[n])
+        starts = [min((first[m] for m in layers if m in first), default=len(events)) for layers in decisions]
+
+        def enclosing(n: str) -> str | None:
+            outer = [p for p in candidates if n.startswith(p + ".")]
+            return max(outer, key=len) if outer else None
+
+        def useful(n: str) -> bool:
+            # a point saves work only if some decision starts after it ends but before the point around it
+            # ends: otherwise every candidate that misses the outer point misses this one too
+            outer = enclosing(n)
+            limit = end[outer] if outer is not None else len(events)
+            return any(end[n] < s < limit for s in starts)
+
+        self.points = [n for n in candidates if useful(n)]
+        self.keys = [tuple(d for d, s in enumerate(starts) if s < end[p]) for p in self.points]
+        self.inside = [[i for i, q in enumerate(self.points) if q.startswith(p + ".")] for p in self.points]
+        self.order = sorted(range(len(decisions)), key=lambda d: starts[d])
+
+
+def clone_output(out):
+    """A copy of a block's output (a tensor, or tuples/lists/dicts of them), safe from later in-place ops."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(clone_output(o) for o in out) if not hasattr(out, "_fields") else type(out)(
+            *(clone_output(o) for o in out))
+    if isinstance(out, dict):
+        return type(out)({k: clone_output(v) for k, v in out.items()})
+    return out
+
+
+def output_bytes(out) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (tuple, list)):
+        return sum(output_bytes(o) for o in out)
+    if isinstance(out, dict):
+        return sum(output_bytes(v) for v in out.values())
+    return 0

@@ -1,0 +1,132 @@
+"""Prefix reuse: block outputs kept and reused give the scores a full forward gives, and reuse really happens."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpsearch.evaluator import Evaluator
+from mpsearch.model import build_space
+from mpsearch.model.blocks import find_blocks
+from mpsearch.tasks.task import Task
+
+
+def _walk(space, rng, n_random=6, n_steps=12):
+    """Candidates as strategies ask them: random ones, and single-decision moves from the last one."""
+    out = []
+    for _ in range(n_random):
+        base = list(space.random(rng))
+        out.append(tuple(base))
+        for _ in range(n_steps // n_random):
+            d = int(rng.integers(len(base)))
+            choices = space.decisions[d].choices
+            base[d] = choices[int(rng.integers(len(choices)))]
+            out.append(tuple(base))
+    return out
+
+
+def _compare(task, space, candidates, **kwargs):
+    with Evaluator(task, space, cache_dir=None, blocks="", **kwargs) as plain:
+        want = [plain.evaluate(c).metric for c in candidates]
+        want_val = plain.validation_metric(candidates[-1])
+    with Evaluator(task, space, cache_dir=None, **kwargs) as reusing:
+        assert reusing.prefix is not None, "the block sequence was not found"
+        got = [reusing.evaluate(c).metric for c in candidates]
+        got_val = reusing.validation_metric(candidates[-1])
+        stats = (reusing.points_run, reusing.points_reused, reusing.memory())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert got_val == pytest.approx(want_val, abs=1e-6)
+    return stats
+
+
+def test_minilm_scores_with_reuse_equal_full_forwards(minilm_task):
+    from mpsearch.model import space_for
+
+    space = space_for(minilm_task)
+    blocks = find_blocks(minilm_task.model, list(space.layers))
+    assert len(blocks) == 6 and blocks[0].endswith("layer.0")
+    run, reused, memory = _compare(minilm_task, space, _walk(space, np.random.default_rng(0)))
+    assert reused > 0, "no block output was reused"
+    assert memory["reuse_points"] > 6, "points inside blocks (attention, MLP) are reused too"
+
+
+def test_activation_cache_is_bounded(minilm_task):
+    from mpsearch.model import space_for
+
+    space = space_for(minilm_task)
+    cands = _walk(space, np.random.default_rng(1), n_random=3, n_steps=9)
+    with Evaluator(minilm_task, space, cache_dir=None, activation_cache_mb=1.0, cache_mb=40) as ev:
+        for c in cands:
+            ev.evaluate(c)
+        assert ev.activations.used <= 1 << 20
+        assert ev.weights.used <= ev.weights.cap and ev.stored.used <= ev.stored.cap
+        assert ev.weights.evictions > 0, "a 40 MB weight cache must evict on minilm"
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.out(torch.tanh(self.fc(x)))
+
+
+class Stack(nn.Module):
+    """Four blocks; block 2 calls block 0's ``fc`` (one module, two places), so a change to it
+    changes blocks 0 and 2 and nothing before block 0 can be reused for it."""
+
+    def __init__(self, d=16, n=4, classes=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.blocks[2].fc = self.blocks[0].fc
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def _stack_task():
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 8, generator=g), None) for _ in range(3)]
+    return Task(Stack(), batches[:2], batches[2:], metric="cosine", name="stack")
+
+
+def test_a_weight_shared_across_blocks_is_one_decision_and_reuse_stays_exact():
+    task = _stack_task()
+    space = build_space(task.model, [2, 3, 4, 8])
+    shared = space.layers["blocks.0.fc"]
+    assert "blocks.2.fc" in shared.aliases
+    ev = Evaluator(task, space, cache_dir=None)
+    plan = ev.prefix
+    d_shared = next(i for i, d in enumerate(space.decisions) if "blocks.0.fc" in d.layers)
+    for point, key in zip(plan.points, plan.keys):
+        if point.startswith("blocks.") and point.split(".")[1] in ("1", "2", "3"):
+            assert d_shared in key, f"{point}'s output depends on the shared fc but its key omits it"
+    ev.close()
+    rng = np.random.default_rng(3)
+    cands = []
+    base = list(space.uniform(8))
+    for _ in range(3):
+        for d in range(len(base)):  # every decision changed alone, the shared one included
+            for c in (2, 4):
+                cands.append(tuple(base[:d] + [c] + base[d + 1:]))
+        base = list(space.random(rng))
+    run, reused, _ = _compare(task, space, cands)
+    assert reused > 0
+
+
+def test_blocks_named_in_the_space_file_and_off():
+    task = _stack_task()
+    space = build_space(task.model, [2, 4, 8])
+    assert find_blocks(task.model, list(space.layers), r"blocks\.[01]") == ["blocks.0", "blocks.1"]
+    with Evaluator(task, space, cache_dir=None, blocks="") as ev:
+        assert ev.prefix is None
+        assert ev.memory()["reuse_points"] == 0
