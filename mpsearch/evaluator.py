@@ -7,7 +7,9 @@
 * Prefixes: for a model that runs a sequence of blocks (``model.blocks``), each block's output on
   each calibration batch is kept, keyed by the choices of every searched layer at or before it, in
   a cache bounded by ``activation_cache_mb``. A candidate that first differs from an earlier one in
-  block k skips blocks 0..k-1: their outputs are the same tensors, so scores are identical.
+  block k skips blocks 0..k-1: their outputs are the same tensors, so scores are identical. Outputs are
+  kept without a copy; one that a later module changed in place (its version counter moved) is
+  computed again.
 * Scores are memoized by candidate, so a strategy that asks again pays nothing and a shared
   evaluator makes every strategy pay the same price per evaluation.
 """
@@ -31,7 +33,7 @@ from .core.space import Candidate, SearchSpace, as_choice
 from .device import resolve_device, set_threads
 from .errors import MPSearchError, TaskError
 from .metrics import Metric, get_metric
-from .model.blocks import ReusePlan, clone_output, find_blocks, output_bytes
+from .model.blocks import ReusePlan, find_blocks, output_bytes, tensor_versions
 from .model.walk import model_fingerprint
 from .quantize import PreparedCache, QuantizedWeight, default_cache_dir, mse, quantize, sqnr_db
 from .quantize.inputs import input_moments
@@ -107,7 +109,7 @@ _TRIM = _libc_trim()
 class LRUCache:
     """Tensors (or block outputs) by key, least recently used evicted first beyond ``cap_bytes``."""
 
-    def __init__(self, cap_bytes: int, size=output_bytes):
+    def __init__(self, cap_bytes: int, size=lambda entry: output_bytes(entry[0])):
         self.cap = int(cap_bytes)
         self.size = size
         self.used = 0
@@ -122,6 +124,11 @@ class LRUCache:
         self.items.move_to_end(key)
         self.hits += 1
         return v
+
+    def drop(self, key) -> None:
+        v = self.items.pop(key, None)
+        if v is not None:
+            self.used -= self.size(v)
 
     def touch(self, key) -> None:
         """Mark as just used without counting a hit (entries whose use a hit above them stood in for)."""
@@ -160,7 +167,7 @@ class Evaluator:
 
     ``cache_mb``: quantized weights kept in memory; ``activation_cache_mb``: block outputs kept for prefix
     reuse (defaults: together half the model's bytes plus 768 MB, at most a quarter of the free memory,
-    a third of it, at most 512 MB, for block outputs); ``blocks``: a regex naming the block sequence (default: found automatically;
+    half of it, at most 512 MB, for block outputs); ``blocks``: a regex naming the block sequence (default: found automatically;
     "" turns reuse off); ``device``: where the model runs (its outputs are scored on the CPU).
     Use it as a context manager, or call ``close()``: hooks come off and the model is as it was.
     """
@@ -190,11 +197,11 @@ class Evaluator:
         self._moments: dict[str, torch.Tensor] | None = None
         self.prepared = PreparedCache(default_cache_dir() if cache_dir == "default" else cache_dir)
         # Default memory beside the model: half the model's bytes plus 768 MB, at most a quarter of the free
-        # memory; a third of it (at most 512 MB) for block outputs, the rest for quantized weights.
+        # memory; half of it (at most 512 MB) for block outputs, the rest for quantized weights.
         model_mb = sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) / MB
         extra = min(0.5 * model_mb + 768.0, 0.25 * available_mb())
         if activation_cache_mb is None:
-            activation_cache_mb = min(512.0, extra / 3)
+            activation_cache_mb = min(512.0, extra / 2)
         if cache_mb is None:
             cache_mb = max(64.0, extra - activation_cache_mb)
         self._activation_cache_mb = activation_cache_mb
@@ -252,7 +259,8 @@ class Evaluator:
 
     def _forward(self, batches: list, split: str | None = None):
         outs = []
-        with torch.inference_mode():
+        # no_grad, not inference_mode: kept block outputs need version counters (``_reusing_prefixes``)
+        with torch.no_grad():
             for i, (x, _) in enumerate(batches):
                 self._batch = None if split is None else (split, i)
                 outs.append(self._output(_call(self.model, _to(x, self.device))))
@@ -448,13 +456,16 @@ class Evaluator:
                 key = (self._batch, _j, self._prefix_keys[_j])
                 hit = self.activations.get(key)
                 if hit is not None:
-                    self.points_reused += 1
-                    for i in self.prefix.inside[_j]:  # kept as fresh as the output that stood in for them
-                        self.activations.touch((self._batch, i, self._prefix_keys[i]))
-                    return clone_output(hit)
+                    out, versions = hit
+                    if tensor_versions(out) == versions:
+                        self.points_reused += 1
+                        for i in self.prefix.inside[_j]:  # kept as fresh as the output that stood in for them
+                            self.activations.touch((self._batch, i, self._prefix_keys[i]))
+                        return out
+                    self.activations.drop(key)  # changed in place by a later module: no longer this output
                 self.points_run += 1
                 out = _orig(*args, **kwargs)
-                self.activations.put(key, clone_output(out))
+                self.activations.put(key, (out, tensor_versions(out)))
                 return out
 
             module.forward = forward

@@ -130,3 +130,26 @@ def test_blocks_named_in_the_space_file_and_off():
     with Evaluator(task, space, cache_dir=None, blocks="") as ev:
         assert ev.prefix is None
         assert ev.memory()["reuse_points"] == 0
+
+
+class InPlaceStack(Stack):
+    """Adds to each block's output in place, after the block returned it: a kept output must not be the
+    modified tensor."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+            h += 0.25
+            h.mul_(0.9)
+        return self.head(h)
+
+
+def test_outputs_changed_in_place_after_a_block_are_not_reused_stale():
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 8, generator=g), None) for _ in range(3)]
+    task = Task(InPlaceStack(), batches[:2], batches[2:], metric="neg_mse", name="inplace")
+    space = build_space(task.model, [2, 4, 8])
+    base = list(space.uniform(8))
+    cands = [tuple(base)] + [tuple(base[:d] + [2] + base[d + 1:]) for d in range(len(base))] * 2
+    _compare(task, space, cands)

@@ -4,7 +4,7 @@ Transformers (HF ``encoder.layer``, ``model.layers``) and many CNNs run a list o
 each taking the previous one's output. A candidate that changes no searched layer before block k
 makes blocks 0..k-1 compute exactly what they computed for an earlier candidate with the same
 prefix, so the evaluator keeps their outputs and skips them (``ReusePlan``); the same holds for
-the modules inside a block (attention, MLP, a single layer).
+the modules inside a block (attention, MLP).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class ReusePlan:
     """Where outputs can be kept, and what each one depends on, from the order one forward pass runs modules.
 
     Reuse points: the blocks and every module inside a block that holds a searched layer (attention,
-    MLP, the searched layers themselves), so a change in a block's MLP still reuses its attention;
+    MLP), so a change in a block's MLP still reuses its attention;
     kept only where some decision starts after the point ends and before the point around it ends.
     A point's output depends on the decisions with a layer (or alias) whose first call starts before the
     point's call ends: ``keys[i]``, the decisions of point ``points[i]``'s cache key. This follows the
@@ -51,14 +51,22 @@ class ReusePlan:
     def __init__(self, model: nn.Module, blocks: list[str], decisions: list[tuple[str, ...]], run: Callable[[], None]):
         modules = dict(model.named_modules(remove_duplicate=False))
         searched = {n for layers in decisions for n in layers}
+        # modules inside a block around a searched layer (attention, MLP); not the searched layers themselves,
+        # whose outputs would cost as much memory as a sub-block's and save one matrix product
         inner = [n for n in modules if any(n.startswith(b + ".") for b in blocks)
-                 and any(s == n or s.startswith(n + ".") for s in searched)]
+                 and any(s.startswith(n + ".") for s in searched)]
         watched = sorted(set(blocks) | set(inner) | (searched & set(modules)))
         events: list[tuple[str, str]] = []
+        nbytes: dict[str, int] = {}
         hooks = []
+
+        def ended(m, a, out, n):  # returns None: a forward hook's return value would replace the output
+            events.append(("end", n))
+            nbytes[n] = output_bytes(out)
+
         for n in watched:
             hooks.append(modules[n].register_forward_pre_hook(lambda m, a, n=n: events.append(("start", n))))
-            hooks.append(modules[n].register_forward_hook(lambda m, a, o, n=n: events.append(("end", n))))
+            hooks.append(modules[n].register_forward_hook(lambda m, a, o, n=n: ended(m, a, o, n)))
         try:
             run()
         finally:
@@ -82,11 +90,17 @@ class ReusePlan:
             outer = [p for p in candidates if n.startswith(p + ".")]
             return max(outer, key=len) if outer else None
 
+        def block_of(n: str) -> str:
+            return next(b for b in blocks if n == b or n.startswith(b + "."))
+
         def useful(n: str) -> bool:
             # a point saves work only if some decision starts after it ends but before the point around it
-            # ends: otherwise every candidate that misses the outer point misses this one too
+            # ends: otherwise every candidate that misses the outer point misses this one too. An inner
+            # output wider than its block's (an MLP's expansion) costs more memory than the little it saves.
             outer = enclosing(n)
             limit = end[outer] if outer is not None else len(events)
+            if n not in blocks and nbytes.get(n, 0) > nbytes.get(block_of(n), 0):
+                return False
             return any(end[n] < s < limit for s in starts)
 
         self.points = [n for n in candidates if useful(n)]
@@ -95,16 +109,17 @@ class ReusePlan:
         self.order = sorted(range(len(decisions)), key=lambda d: starts[d])
 
 
-def clone_output(out):
-    """A copy of a block's output (a tensor, or tuples/lists/dicts of them), safe from later in-place ops."""
+def tensor_versions(out) -> tuple:
+    """The version counters of the tensors in a block's output (a tensor, or tuples/lists/dicts of them).
+    The evaluator keeps outputs without copying them; an in-place change by a later module bumps a
+    counter, and a kept output whose counters moved is computed again instead of reused."""
     if isinstance(out, torch.Tensor):
-        return out.clone()
+        return (out._version,)
     if isinstance(out, (tuple, list)):
-        return type(out)(clone_output(o) for o in out) if not hasattr(out, "_fields") else type(out)(
-            *(clone_output(o) for o in out))
+        return tuple(v for o in out for v in tensor_versions(o))
     if isinstance(out, dict):
-        return type(out)({k: clone_output(v) for k, v in out.items()})
-    return out
+        return tuple(v for o in out.values() for v in tensor_versions(o))
+    return ()
 
 
 def output_bytes(out) -> int:

@@ -4,15 +4,16 @@
 * ``mse-clip``: round to nearest with the clipping ratio of least squared error, per channel or group.
 * ``gptq``: second-order error compensation (Frantar et al., 2023). With H = sum of x x^T over the
   layer's calibration inputs, columns are quantized in order and each one's error is spread over
-  the columns not yet quantized through the Cholesky factor of H^-1 (damped by 1% of its mean
-  diagonal), so the layer's output error ||X (W - Q)^T|| stays small. Per-group scales are taken
-  when a group starts, from the weights as the updates left them. Pruned weights are quantized to
+  the columns not yet quantized through the Cholesky factor of H^-1 (damped by ``DAMP`` of its mean
+  diagonal), so the layer's output error ||X (W - Q)^T|| stays small. Scales are the least-error
+  (mse-clip) ones: per channel from the whole row, per group when a group starts, from the weights
+  as the updates left them. Pruned weights are quantized to
   0 and their error is compensated the same way (SparseGPT's rule, on a magnitude mask).
-* ``gradient``: learned rounding (AdaRound, Nagel et al., 2020): each weight chooses to round down
-  or up through a rectified sigmoid trained with Adam on the same output error plus a regulariser
-  that pushes it to 0 or 1; the iteration budget is fixed and everything is deterministic. The
-  result is never worse than ``rtn`` on that error: the best hard rounding seen is returned,
-  ``rtn``'s included.
+* ``gradient``: learned rounding (AdaRound, Nagel et al., 2020) on the mse-clip grid: each weight
+  chooses to round down or up through a rectified sigmoid trained with Adam on the same output error
+  plus a regulariser that pushes it to 0 or 1; the iteration budget is fixed and everything is
+  deterministic. The result is whichever of rtn, mse-clip and the learned rounding has the least
+  output error, so it is never worse than ``rtn`` on that error.
 
 Methods that use H fall back to ``mse-clip`` for layers with no inputs to compensate over (an
 Embedding's input is one-hot: its H is the identity, where the least-error scale and rounding to
