@@ -7,8 +7,12 @@ here is the cores actually free: the cores this process may use minus the load a
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from .errors import MPSearchError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def usable_cores() -> int:

@@ -501,7 +501,7 @@ class Evaluator:
         hit = self._memo.get(key)
         if hit is not None:
             return replace(hit, cached=True)
-        prep0, requant0 = self.prep_s, self.requant_s
+        prep0 = self.prep_s
         t0 = time.perf_counter()
         error = None
         self.restore()

@@ -29,7 +29,6 @@ from .schemas import PlanDocument, PlanDocumentV1, parse
 from .files import finite_json, json_text, read_text, write_atomic
 from .model.fold import fold_batchnorm
 from .model.walk import build_space, model_fingerprint
-from .quantize import fake_quantize
 
 PLAN_FORMAT = "mpsearch-plan"
 PLAN_VERSION = 2

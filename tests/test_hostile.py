@@ -66,6 +66,30 @@ def nan_metric():
     return _digits(metric=metric, name="nanmetric")
 
 
+def sometimes_nan_metric():
+    calls = [0]
+
+    def metric(outputs, targets):
+        calls[0] += 1  # the two reference scores, then every fourth candidate NaN
+        return float("nan") if calls[0] > 2 and calls[0] % 4 == 0 else float((outputs.argmax(-1) == targets).float().mean())
+
+    return _digits(metric=metric, name="sometimesnan")
+
+
+class Exploding(nn.Module):
+    def forward(self, x):
+        return torch.full((x.shape[0], 10), float("inf")) + x.flatten(1)[:, :10] * 0 + self.w
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(10))
+        self.fc = nn.Linear(64, 10)
+
+
+def infinite_outputs():
+    return _digits(Exploding(), metric="kl", name="infinite")
+
+
 def nan_reference_metric():
     return _digits(metric=lambda o, t: float("nan"), name="nanref")
 
@@ -234,6 +258,7 @@ def test_a_failed_export_leaves_nothing(run, tmp_path, monkeypatch):
 @pytest.mark.parametrize("task,fragment", [
     ("nan_weight", "NaN or infinite"),
     ("nan_reference_metric", "not a number to rank by"),
+    ("infinite_outputs", "outputs are not finite"),
 ])
 def test_tasks_that_cannot_be_searched(task, fragment, tasks, capsys, tmp_path):
     bad(search_args(tmp_path, model=f"{tasks}:{task}"), capsys, fragment)
@@ -316,6 +341,22 @@ def test_a_nan_metric_is_a_failed_trial(tasks, capsys, tmp_path):
     assert code == 1 and "not a number to rank by" in err  # every candidate failed
 
 
+def test_some_nan_metrics_are_failed_trials_the_search_goes_on_and_never_asks_them_again(tasks, capsys, tmp_path):
+    code, out, err = cli(search_args(tmp_path, "--avg-bits", "4", model=f"{tasks}:sometimes_nan_metric", evals=16),
+                         capsys)
+    assert code == 0, err
+    trials = pd.read_csv(tmp_path / "trials.csv")
+    searched = trials[trials.strategy == "random"]
+    failed = searched[searched.error.fillna("") != ""]
+    assert len(searched) == 16 and 2 <= len(failed) < 16
+    assert all("not a number to rank by" in e for e in failed.error)
+    bits = [c for c in trials.columns if c.startswith("bits:")]
+    assert len(bits) == 6
+    assert not searched[bits].duplicated().any(), "a candidate (failed or not) was asked twice"
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["n_failed"] == len(failed) and s["best"]["metric"] == s["best"]["metric"]  # a real plan, not NaN
+
+
 def test_a_worker_fault_gets_the_same_exit_code(tasks, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "mpsearch.cli", *map(str, search_args(
@@ -374,6 +415,10 @@ def test_the_chosen_plan_is_not_dominated_by_anything_the_run_printed(run):
                & ((ok.size_bytes < best["size_bytes"]) | (ok.metric > best["metric"]))]
     assert beats.empty
     assert "uniform-baseline" in set(trials.strategy)  # the baselines are in the run's files too
+    # front.csv is the front of everything evaluated, baselines included: no evaluated point beats it
+    front = pd.read_csv(run / "front.csv")
+    for _, t in trials[trials.error.isna()].iterrows():
+        assert ((front.size_bytes <= t.size_bytes) & (front.metric >= t.metric)).any(), t.to_dict()
 
 
 def test_a_baseline_that_beats_the_strategy_becomes_the_plan():

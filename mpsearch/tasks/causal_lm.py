@@ -11,13 +11,12 @@ The key-value cache is off: a forward scores whole sequences and keeps no state 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import TaskError
-from ..logs import quiet_import_noise
+from .hf import offline_transformers
 from .task import Task
 
 SHIPPED_TEXT = Path(__file__).parent / "data" / "sentences.txt"
@@ -30,16 +29,9 @@ def _logits(out):
 
 def load_hf_model(path: str | Path, dtype: str | None = None):
     """(model, tokenizer) from a local directory, offline; a one-line error for anything else."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    quiet_import_noise()
-    try:
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise TaskError("hf: models need transformers: pip install 'mpsearch[minilm]'") from None
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    transformers = offline_transformers("hf: models need transformers: pip install 'mpsearch[minilm]'")
+    AutoModel, AutoModelForCausalLM, AutoTokenizer = (transformers.AutoModel, transformers.AutoModelForCausalLM,
+                                                      transformers.AutoTokenizer)
     path = Path(path)
     if not (path / "config.json").is_file():
         raise TaskError(f"hf:{path}: not a Hugging Face model directory (no config.json); mpsearch loads local "

