@@ -481,13 +481,19 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
     return _le_bytes(sb, qs, _h16_bytes(dh), _h16_bytes(dminh))
 
 
-def _q3_k(x: np.ndarray) -> np.ndarray:
+def _sixteen_sub_blocks(x: np.ndarray, make, nmax: int):
+    """q3_k and q6_k's first pass: each 16-weight sub-block quantized by ``make``; (nb, L, scales, and the
+    first scale of largest |scale| per block with that |scale|)."""
     nb = x.shape[0]
     xt = np.ascontiguousarray(x.reshape(nb * 16, 16).T)
-    L, scales = _make_q3_quants(xt, 4)
-    L = L.T.reshape(nb, 16, 16)
+    L, scales = make(xt, nmax)
     scales = scales.reshape(nb, 16)
-    _, max_scale = _first_absmax(np.ascontiguousarray(scales.T))  # first scale of largest |scale|
+    max_abs, max_scale = _first_absmax(np.ascontiguousarray(scales.T))
+    return nb, L.T.reshape(nb, 16, 16), scales, max_abs, max_scale
+
+
+def _q3_k(x: np.ndarray) -> np.ndarray:
+    nb, L, scales, _, max_scale = _sixteen_sub_blocks(x, _make_q3_quants, 4)
     nz = max_scale != 0
     iscale = np.where(nz, _F32(-32.0) / max_scale, _F32(0.0)).astype(_F32)
     l = np.clip(_i8(_nearest_int(iscale[:, None] * scales)), -32, 31) + 32  # (nb, 16), 0..63
@@ -556,12 +562,7 @@ def _q45_k(x: np.ndarray, t: str) -> np.ndarray:
 
 
 def _q6_k(x: np.ndarray) -> np.ndarray:
-    nb = x.shape[0]
-    xt = np.ascontiguousarray(x.reshape(nb * 16, 16).T)
-    L, scales = _make_qx_quants_rmse1(xt, 32)
-    L = L.T.reshape(nb, 16, 16)
-    scales = scales.reshape(nb, 16)
-    max_abs, max_scale = _first_absmax(np.ascontiguousarray(scales.T))
+    nb, L, scales, max_abs, max_scale = _sixteen_sub_blocks(x, _make_qx_quants_rmse1, 32)
     zero = max_abs < _GROUP_MAX_EPS
     iscale = _F32(-128.0) / max_scale
     dh = np.where(zero, np.uint16(0), _fp16_bits(_F32(1.0) / iscale))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import Task
+from .task import Task, classification_task, shipped_weights
 
 WEIGHTS = Path(__file__).parent / "data" / "digits_cnn.npz"
 SEARCH_SPACE = "digits.yaml"
@@ -71,27 +71,14 @@ def train(epochs: int = 60, seed: int = 0) -> DigitsCNN:
     return model.eval()
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor) -> list:
-    return [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(y), BATCH)]
-
-
 def load_model() -> DigitsCNN:
-    model = DigitsCNN()
-    with np.load(WEIGHTS) as data:
-        model.load_state_dict({k: torch.from_numpy(data[k].copy()) for k in data.files})
-    return model.eval()
+    return shipped_weights(DigitsCNN(), WEIGHTS)
 
 
 def load_task() -> Task:
     s = splits()
-    return Task(
-        model=load_model(),
-        calibration=_batches(*s["calibration"]),
-        validation=_batches(*s["validation"]),
-        metric="accuracy",
-        name="digits",
-        search_space=SEARCH_SPACE,
-    )
+    return classification_task(load_model(), s["calibration"], s["validation"], BATCH, "digits",
+                               search_space=SEARCH_SPACE)
 
 
 def accuracy(model: nn.Module, split: str) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import Task
+from .task import Task, classification_task, fit_epoch, shipped_weights
 
 DATA = Path(__file__).parent / "data"
 EVAL_DATA = DATA / "speech_eval.npz"
@@ -157,44 +157,26 @@ def train(epochs: int = 30, seed: int = 0, data: dict | None = None, log=print) 
     steps = epochs * math.ceil(len(y) / 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
+    def loss(out, target):
+        return nn.functional.cross_entropy(out, target, label_smoothing=0.05)
+
     for ep in range(epochs):
-        model.train()
-        total = 0.0
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(_spec_augment(x[idx], gen)), y[idx], label_smoothing=0.05)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
+        order = torch.randperm(len(y), generator=gen).split(64)  # drawn before the batches' augmentation
+        total = fit_epoch(model, opt, sched, ((_spec_augment(x[idx], gen), y[idx]) for idx in order), loss, clip=1.0)
         if log:
             log(f"epoch {ep + 1}/{epochs} loss {total / len(y):.4f}")
     return model.eval()
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor) -> list:
-    return [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(y), BATCH)]
-
-
 def load_model() -> SpeechCRNN:
-    model = SpeechCRNN()
-    with np.load(WEIGHTS) as data:
-        model.load_state_dict({k: torch.from_numpy(data[k].copy()) for k in data.files})
-    return model.eval()
+    return shipped_weights(SpeechCRNN(), WEIGHTS)
 
 
 def load_task() -> Task:
     s = splits()
-    return Task(
-        model=load_model(),
-        calibration=_batches(s["calibration"]["x"], s["calibration"]["y"]),
-        validation=_batches(s["validation"]["x"], s["validation"]["y"]),
-        metric="accuracy",
-        name="speech",
-        search_space=None,
-        meta={"classes": list(WORDS)},
-    )
+    cal, val = s["calibration"], s["validation"]
+    return classification_task(load_model(), (cal["x"], cal["y"]), (val["x"], val["y"]), BATCH, "speech",
+                               meta={"classes": list(WORDS)})
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

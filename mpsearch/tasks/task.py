@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
 from torch import nn
 
 from ..errors import TaskError
@@ -60,3 +63,37 @@ class Task:
     @property
     def has_targets(self) -> bool:
         return self.calibration[0][1] is not None
+
+
+def shipped_weights(model: nn.Module, path: Path) -> nn.Module:
+    """``model`` with the weights a built-in task ships (an npz of its state dict), in eval mode."""
+    with np.load(path) as data:
+        model.load_state_dict({k: torch.from_numpy(data[k].copy()) for k in data.files})
+    return model.eval()
+
+
+def classification_task(model: nn.Module, calibration: tuple, validation: tuple, batch: int, name: str,
+                        search_space: str | None = None, meta: dict | None = None) -> Task:
+    """A built-in classifier's task: (inputs, labels) tensors cut into batches, scored by accuracy."""
+
+    def batches(x: torch.Tensor, y: torch.Tensor) -> list:
+        return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(y), batch)]
+
+    return Task(model=model, calibration=batches(*calibration), validation=batches(*validation), metric="accuracy",
+                name=name, search_space=search_space, meta=meta or {})
+
+
+def fit_epoch(model: nn.Module, opt, sched, batches, loss_fn, clip: float | None = None) -> float:
+    """One training epoch of a built-in task's model over ``(inputs, labels)`` batches; the summed loss."""
+    model.train()
+    total = 0.0
+    for xb, yb in batches:
+        opt.zero_grad()
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        total += loss.item() * len(yb)
+    return total

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import Task
+from .task import Task, classification_task, fit_epoch, shipped_weights
 
 WEIGHTS = Path(__file__).parent / "data" / "video_c3d.npz"
 FRAMES, SIZE, DIGIT = 8, 32, 16
@@ -124,42 +124,21 @@ def train(epochs: int = 40, clips_per_epoch: int = 6000, seed: int = 0, log=prin
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)
     for ep in range(epochs):
         x, y = make_clips("train", clips_per_epoch, 1000 + seed * 1000 + ep)
-        model.train()
-        total = 0.0
-        for idx in torch.arange(len(y)).split(64):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
+        batches = ((x[idx], y[idx]) for idx in torch.arange(len(y)).split(64))
+        total = fit_epoch(model, opt, sched, batches, nn.functional.cross_entropy)
         if log:
             log(f"epoch {ep + 1}/{epochs} loss {total / len(y):.4f}")
     return model.eval()
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor) -> list:
-    return [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(y), BATCH)]
-
-
 def load_model() -> VideoC3D:
-    model = VideoC3D()
-    with np.load(WEIGHTS) as data:
-        model.load_state_dict({k: torch.from_numpy(data[k].copy()) for k in data.files})
-    return model.eval()
+    return shipped_weights(VideoC3D(), WEIGHTS)
 
 
 def load_task() -> Task:
     s = splits()
-    return Task(
-        model=load_model(),
-        calibration=_batches(*s["calibration"]),
-        validation=_batches(*s["validation"]),
-        metric="accuracy",
-        name="video",
-        search_space=None,
-        meta={"classes": [f"{d} {DIRECTIONS[k]}" for d in range(10) for k in range(4)]},
-    )
+    return classification_task(load_model(), s["calibration"], s["validation"], BATCH, "video",
+                               meta={"classes": [f"{d} {DIRECTIONS[k]}" for d in range(10) for k in range(4)]})
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
