@@ -6,7 +6,7 @@ falls on all three alike), the median wall time of:
   forward  one full-precision forward over the calibration set (``evaluator.restore()``, then the
            model over ``evaluator.calibration`` under ``torch.inference_mode``, as the evaluator does);
   eval     one ``evaluator.evaluate`` of a fresh random candidate (never evaluated before), after
-           ``evaluator.warm_cache()`` has quantized every (layer, bits) once;
+           ``evaluator.prepare()`` has quantized every (layer, bits) once;
   naive    an evaluator without caches: deep-copy the model, re-quantize every layer of the candidate
            with ``mpsearch.quantize.fake_quantize``, run the same forward and the same metric.
 
@@ -56,9 +56,9 @@ class NaiveEvaluator:
         t1 = time.perf_counter()
         named = dict(model.named_modules())
         with torch.no_grad():
-            for layer, bits in self.space.layer_bits(candidate).items():
+            for layer, choice in self.space.layer_choices(candidate).items():
                 w = named[layer].weight
-                w.data = quantize_weight(w.data, bits, self.space.quantizer)
+                w.data = quantize_weight(w.data, self.space.setting(choice).bits, self.space.quantizer)
         t2 = time.perf_counter()
         self.parts["copy"].append(t1 - t0)
         self.parts["quantize"].append(t2 - t1)
@@ -86,7 +86,7 @@ def bench(model_name: str, repeats: int, warmup: int = 2, seed: int = 0) -> dict
     space = space_for(task)
     ev = Evaluator(task, space)
     t0 = time.perf_counter()
-    ev.warm_cache()
+    ev.prepare()
     warm_s = time.perf_counter() - t0
     naive = NaiveEvaluator(ev)
     rng = np.random.default_rng(seed)

@@ -48,7 +48,7 @@ def main(seeds: int, max_evals: int, budgets: list[float], extra_seeds: int, ext
          clip_strategies: list[str]) -> None:
     with Timer() as total:
         task, space, ev = setup("minilm")
-        ev.warm_cache()
+        ev.prepare()
         uniforms = [space.uniform(b) for b in space.uniform_choices()]
         rules = [q4km_style(space, b) for b in space.uniform_choices() if b <= 6]
         rows, fronts = [], {}
