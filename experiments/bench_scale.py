@@ -3,7 +3,8 @@
 * Synthetic pre-norm transformer stacks (width 1024-2048, 4 searched Linear per block: fused qkv, o, up,
   down) of about 0.1B, 0.4B and 1.2B parameters, in float32 and bfloat16, each in its own process (so
   peak RSS is that size's own): model bytes, peak RSS, a plain forward, and the mean evaluation time
-  of a 100-evaluation random search and of a greedy budget search (<= 4 average bits) at 6 bit choices.
+  of a random search (100 evaluations by default, --evals) and of a greedy budget search (<= 4 average
+  bits) at 6 bit choices.
   Memory target: peak RSS <= 1.6 x model bytes + 1.5 GB.
 * MiniLM, 300-evaluation searches (greedy at <= 4.0 average bits; bayes, pso and random on the whole
   front): mean evaluation cost as a fraction of one plain forward timed right after every evaluation, in
@@ -145,6 +146,8 @@ def minilm_ratios(evals: int, strategies: list[str]) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["all", "synthetic", "minilm"], default="all",
+                   help="run one half; each updates its rows in results/cost/scale.json and rewrites scale.md")
     p.add_argument("--sizes", default="0.1B,0.4B,1.2B")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--evals", type=int, default=100, help="evaluations per search on the synthetic stacks")
@@ -157,23 +160,38 @@ def main() -> None:
         size, dtype = a.one.split(":")
         print("ROW " + json.dumps(one_size(size, dtype, a.evals)), flush=True)
         return
-    rows = []
+    path = OUT / "scale.json"
+    out = json.loads(path.read_text()) if path.exists() else {"synthetic": [], "minilm": [], "wall_s": {}}
     with Timer() as total:
-        for size in [s for s in a.sizes.split(",") if s]:
-            for dtype in [d for d in a.dtypes.split(",") if d]:
-                proc = subprocess.run([sys.executable, __file__, "--one", f"{size}:{dtype}", "--evals", str(a.evals)],
-                                      capture_output=True, text=True)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
-                row = json.loads(line[4:]) if line else {"size": size, "dtype": dtype,
-                                                          "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        minilm = minilm_ratios(a.minilm_evals, [s for s in a.minilm_strategies.split(",") if s])
-    out = {"synthetic": rows, "minilm": minilm, "environment": environment(), "wall_s": round(total.s, 1)}
-    write_json(out, OUT / "scale.json")
-    write_markdown(out)
+        if a.part in ("all", "synthetic"):
+            for size in [s for s in a.sizes.split(",") if s]:
+                for dtype in [d for d in a.dtypes.split(",") if d]:
+                    proc = subprocess.run([sys.executable, __file__, "--one", f"{size}:{dtype}", "--evals",
+                                           str(a.evals)], capture_output=True, text=True)
+                    line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
+                    row = json.loads(line[4:]) if line else {
+                        "size": size, "dtype": dtype, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+                    print(json.dumps(row), flush=True)
+                    out = json.loads(path.read_text()) if path.exists() else out  # the other half may have written
+                    out["synthetic"] = [r for r in out["synthetic"] if (r["size"], r["dtype"]) != (size, dtype)] + [row]
+                    _save(out)
+        if a.part in ("all", "minilm"):
+            rows = minilm_ratios(a.minilm_evals, [s for s in a.minilm_strategies.split(",") if s])
+            out = json.loads(path.read_text()) if path.exists() else out
+            done = {r["strategy"] for r in rows}
+            out["minilm"] = [r for r in out["minilm"] if r["strategy"] not in done] + rows
+    out["wall_s"] = {**out.get("wall_s", {}), a.part: round(total.s, 1)}
+    _save(out)
     if a.json:
         print(json.dumps(out))
+
+
+def _save(out: dict) -> None:
+    order = {s: i for i, s in enumerate(SIZES)}
+    out["synthetic"].sort(key=lambda r: (order.get(r["size"], 99), r["dtype"] != "float32"))
+    out["environment"] = environment()
+    write_json(out, OUT / "scale.json")
+    write_markdown(out)
 
 
 def write_markdown(out: dict) -> None:
@@ -183,10 +201,12 @@ def write_markdown(out: dict) -> None:
 
     syn = pd.DataFrame(out["synthetic"])
     mini = pd.DataFrame(out["minilm"])
+    walls = ", ".join(f"{k} {v:.0f} s" for k, v in out.get("wall_s", {}).items())
     text = ("# Scale: memory and time on models of real size\n\n"
             "Synthetic pre-norm transformer stacks, 6 bit choices per Linear (2-8 bits, per-channel rtn), one "
             "calibration batch of 2 x 32 tokens; each size in its own process. peak_rss_mb is the process's peak "
-            "resident memory after both searches (peak_rss_mb_random: after the 100-evaluation random search); "
+            "resident memory after both searches (peak_rss_mb_random: after the random search; random_evals and "
+            "greedy_evals: how many each ran); "
             "limit_mb = 1.6 x model + 1.5 GB. Evaluation times exclude one-off preparation (quantizing a "
             "(layer, bits) the first time: *_prep_s).\n\n"
             f"{markdown_table(syn)}\n"
@@ -195,7 +215,7 @@ def write_markdown(out: dict) -> None:
             "saving); the scores of a sample of the run's candidates recomputed by a full forward without reuse "
             "differ from the stored ones by at most max_score_diff_vs_full_forward.\n\n"
             f"{markdown_table(mini)}\n"
-            f"_{out['environment']}; wall time {out['wall_s']:.0f} s; regenerate with "
+            f"_{out['environment']}; wall time {walls}; regenerate with "
             "`python experiments/bench_scale.py`._\n")
     (OUT / "scale.md").write_text(text)
 

@@ -337,3 +337,27 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_writes_what_was_computed_and_exits_130(tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt inside the 8th evaluation: the search stops, the run's files are written with the 7
+    evaluations done, and the exit code is 130."""
+    from mpsearch.evaluator import Evaluator
+
+    real, calls = Evaluator.evaluate, [0]
+
+    def interrupted(self, candidate, split="calibration"):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise KeyboardInterrupt
+        return real(self, candidate, split)
+
+    monkeypatch.setattr(Evaluator, "evaluate", interrupted)
+    out = tmp_path / "run"
+    code = main(["search", "--model", "digits", "--strategy", "random", "--max-evals", "20", "--avg-bits", "4",
+                 "--out", str(out), "--no-progress"])
+    assert code == 130
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stop_reason"] == "interrupted" and s["n_evals"] == 7
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials.strategy == "random").sum() == 7
