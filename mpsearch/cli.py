@@ -300,13 +300,14 @@ def cmd_compare(args) -> int:
     _say(f"mpsearch: compare {', '.join(names)} x {args.seeds} seeds x {args.max_evals} evaluations on {task.name}"
          + (f", budget {budget.describe()}" if budget else "")
          + f"; device {evaluator.device}, {evaluator.threads} thread(s) ({evaluator.threads_source})")
-    results = run_comparison(evaluator, names, list(range(args.seeds)), max_evals=args.max_evals,
-                             wall_s=args.wall_time, max_failures=args.max_failures, budget=budget, storage=url,
-                             study_prefix=_study_name(args.model, "compare", 0, budget).replace("-seed0", ""),
-                             options={n: options for n in names} if options else None,
-                             progress=not args.no_progress, fresh=args.fresh)
-    title = f"{task.name}, {args.max_evals} evaluations" + (f", budget {budget.describe()}" if budget else "")
-    write_comparison(results, evaluator, out, title=title)
+    with run_lock(out):  # one writer per run directory, as for search
+        results = run_comparison(evaluator, names, list(range(args.seeds)), max_evals=args.max_evals,
+                                 wall_s=args.wall_time, max_failures=args.max_failures, budget=budget, storage=url,
+                                 study_prefix=_study_name(args.model, "compare", 0, budget).replace("-seed0", ""),
+                                 options={n: options for n in names} if options else None,
+                                 progress=not args.no_progress, fresh=args.fresh)
+        title = f"{task.name}, {args.max_evals} evaluations" + (f", budget {budget.describe()}" if budget else "")
+        write_comparison(results, evaluator, out, title=title)
     _say((out / "comparison.md").read_text())
     _say(f"files: comparison.csv, comparison.md, comparison.tex, hypervolume.png, fronts.png in {out}")
     return 130 if results and results[-1].search.stop_reason == "interrupted" else 0

@@ -405,6 +405,8 @@ def test_a_second_search_on_the_same_out_is_refused(capsys, tmp_path):
         held.write("pid 12345")
         held.flush()
         bad(search_args(tmp_path), capsys, "another mpsearch search")
+        bad(["compare", "--model", "digits", "--strategies", "random", "--seeds", "1", "--max-evals", "3",
+             "--out", tmp_path, "--no-progress"], capsys, "another mpsearch search")
 
 
 def test_the_chosen_plan_is_not_dominated_by_anything_the_run_printed(run):
