@@ -257,3 +257,18 @@ def test_sqnr_and_mse_helpers():
     assert mse(w, q) == pytest.approx(1 / 3)
     assert sqnr_db(w, q) == pytest.approx(10 * torch.log10(torch.tensor(9.0)).item())
     assert sqnr_db(w, w) == float("inf")
+
+
+@pytest.mark.parametrize("name", ["speech", "video"])
+def test_error_falls_with_bits_every_speech_and_video_weight(name):
+    """Every 2-D-or-more float weight of the other built-in tasks (searched today or not: GRU and Conv3d weights
+    included), flattened to rows per output channel."""
+    from mpsearch.tasks import load_task
+
+    task = load_task(name)
+    seen = 0
+    for pname, p in task.model.named_parameters():
+        if p.dim() >= 2 and p.shape[0] > 1:
+            _assert_error_falls(p.detach().reshape(p.shape[0], -1).float(), SYM, f"{name} {pname}")
+            seen += 1
+    assert seen >= 4
