@@ -171,6 +171,7 @@ def search(
         bar = tqdm(total=termination.max_evals, desc=f"{strategy.name} seed {seed}", unit="eval", leave=False)
     front: list[Evaluation] = []
     best: list[Evaluation | None] = [None]
+    prep = [0.0]  # one-off preparation paid so far, shown on the progress bar
     asked: dict[Candidate, Evaluation] = {}  # what the strategy is told, per candidate
     ref = float(evaluator.reference_metric)
     worst = [ref if math.isfinite(ref) else 0.0]  # the lowest finite quality seen
@@ -213,9 +214,12 @@ def search(
             if trial.ok and budget is not None and budget.admits(trial):
                 if best[0] is None or trial.metric > best[0].metric:
                     best[0] = trial
+            prep[0] += trial.prep_s if not resumed else 0.0
             post = {"hv": f"{f.hypervolume():.4f}"}
             if best[0] is not None:
                 post["best"] = f"{best[0].metric:.4f}"
+            if prep[0] > 0:  # one-off quantization (gptq, gradient...), not part of any evaluation's cost
+                post["prep"] = f"{prep[0]:.0f}s"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
         for cb in callbacks:
