@@ -20,7 +20,7 @@ import math
 import os
 import resource
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -238,6 +238,9 @@ class Evaluator:
         self._batch: tuple | None = None  # (split, batch index) while a batch runs
         self._prefix_keys: list[tuple] = []
         self.points_run = self.points_reused = 0  # reuse points computed / answered from the cache
+        self._keep_outputs: deque = deque(maxlen=32)  # whether each recent evaluation reused something
+        self._storing = True
+        self._evicted = 0
         self.prefix = self._plan_prefix(blocks if blocks is not None else space.blocks)
         self._points = [named[n] for n in self.prefix.points] if self.prefix is not None else []
 
@@ -465,7 +468,8 @@ class Evaluator:
                     self.activations.drop(key)  # changed in place by a later module: no longer this output
                 self.points_run += 1
                 out = _orig(*args, **kwargs)
-                self.activations.put(key, (out, tensor_versions(out)))
+                if self._storing:
+                    self.activations.put(key, (out, tensor_versions(out)))
                 return out
 
             module.forward = forward
@@ -501,7 +505,11 @@ class Evaluator:
         hit = self._memo.get(key)
         if hit is not None:
             return replace(hit, cached=True)
-        prep0 = self.prep_s
+        prep0, reused0 = self.prep_s, self.points_reused
+        # a strategy whose candidates share no prefix (random, pso) pays for keeping outputs and never gains:
+        # after 32 evaluations without a hit, only every 8th evaluation keeps its outputs, until one hits
+        self._storing = any(self._keep_outputs) or len(self._keep_outputs) < self._keep_outputs.maxlen or \
+            len(self._memo) % 8 == 0
         t0 = time.perf_counter()
         error = None
         self.restore()
@@ -520,8 +528,11 @@ class Evaluator:
         finally:
             self._current = None
             self.restore()
-        if _TRIM is not None and self.weights.evictions + self.stored.evictions + self.activations.evictions:
+        evicted = self.weights.evictions + self.stored.evictions
+        if _TRIM is not None and evicted > self._evicted:  # evicted weights leave holes; block outputs are reused
             _TRIM(0)
+        self._evicted = evicted
+        self._keep_outputs.append(self.points_reused > reused0)
         prep = self.prep_s - prep0
         wall = time.perf_counter() - t0 - prep  # preparation is one-off work, reported apart
         size = self.sizes.size(cand)
