@@ -218,7 +218,7 @@ def search(
             post = {"hv": f"{f.hypervolume():.4f}"}
             if best[0] is not None:
                 post["best"] = f"{best[0].metric:.4f}"
-            if prep[0] > 0:  # one-off quantization (gptq, gradient...), not part of any evaluation's cost
+            if prep[0] >= 0.5:  # one-off quantization (gptq, gradient...), not part of any evaluation's cost
                 post["prep"] = f"{prep[0]:.0f}s"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
