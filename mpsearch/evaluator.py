@@ -35,6 +35,7 @@ from .errors import MPSearchError, TaskError
 from .metrics import Metric, get_metric
 from .model.blocks import ReusePlan, find_blocks, output_bytes, tensor_versions
 from .model.walk import model_fingerprint
+from .model.weights import from_rows, get_weight, takes_inputs, to_rows
 from .quantize import PreparedCache, QuantizedWeight, default_cache_dir, mse, quantize, sqnr_db
 from .quantize.inputs import input_moments
 from .tasks.task import Task
@@ -191,9 +192,10 @@ class Evaluator:
         self.calibration = [(_to(x, self.device), t) for x, t in task.calibration]
         self.validation = [(_to(x, self.device), t) for x, t in task.validation]
         named = dict(self.model.named_modules(remove_duplicate=False))
-        self._params = {n: named[n].weight for n in space.layers}
+        self._params = {n: get_weight(self.model, spec.weight_name) for n, spec in space.layers.items()}
         self._original = {n: p.data for n, p in self._params.items()}
-        self._groups = {n: getattr(named[n], "groups", 1) for n in space.layers}
+        self._groups = {n: getattr(named[spec.hook_modules[0]], "groups", 1) if takes_inputs(spec) else 1
+                        for n, spec in space.layers.items()}
         self._moments: dict[str, torch.Tensor] | None = None
         self.prepared = PreparedCache(default_cache_dir() if cache_dir == "default" else cache_dir)
         # Default memory beside the model: half the model's bytes plus 768 MB, at most a quarter of the free
@@ -307,7 +309,7 @@ class Evaluator:
     def _install_weight_hooks(self, named: dict) -> list:
         by_module: dict[str, list[str]] = {}
         for layer, spec in self.space.layers.items():
-            for m in (layer, *spec.aliases):
+            for m in spec.hook_modules:
                 by_module.setdefault(m, []).append(layer)
         hooks = []
         for m, layers in by_module.items():
@@ -334,14 +336,13 @@ class Evaluator:
             t0 = time.perf_counter()
             wanted = {}
             for name, spec in self.space.layers.items():
-                if any(self.space.setting(c).method in DATA_METHODS for c in spec.choices):
-                    wanted[name] = (name,) + spec.aliases
+                if takes_inputs(spec) and any(self.space.setting(c).method in DATA_METHODS for c in spec.choices):
+                    wanted[name] = spec.hook_modules
             # may be first needed while a candidate runs: capture on the model's own weights all the same
             current, batch, self._current, self._batch = self._current, self._batch, None, None
             try:
                 self.restore()
-                self._moments = input_moments(self.model, self.calibration,
-                                              wanted, _call) if wanted else {}
+                self._moments = input_moments(self.model, self.calibration, wanted, _call) if wanted else {}
             finally:
                 self._current, self._batch = current, batch
             self._moments = {k: v.cpu() for k, v in self._moments.items()}
@@ -375,7 +376,10 @@ class Evaluator:
             else:
                 self.prep_log[key] = dt
                 self.prep_s += dt
-        w = stored.dequantize(self._original[layer].dtype).to(self.device)
+        w = stored.dequantize(self._original[layer].dtype)
+        if isinstance(stored, QuantizedWeight):
+            w = from_rows(w, self.space.layers[layer].axis)
+        w = w.to(self.device)
         self.weights.put(key, w)
         return w
 
@@ -386,6 +390,7 @@ class Evaluator:
         if setting.bits == FLOAT16_BITS:
             return HalfWeight(w.to(torch.float16))
         hessian = self.input_moments().get(layer) if setting.method in DATA_METHODS else None
+        w = to_rows(w, self.space.layers[layer].axis)
         with torch.no_grad():
             return quantize(w, setting, self.space.quantizer, hessian, self._groups[layer], self.prepared).compact()
 
@@ -437,7 +442,7 @@ class Evaluator:
         blocks = find_blocks(self.model, list(self.space.layers), pattern)
         if len(blocks) < 2:
             return None
-        decisions = [tuple(x for n in d.layers for x in (n, *self.space.layers[n].aliases)) for d in self.space.decisions]
+        decisions = [tuple(x for n in d.layers for x in self.space.layers[n].hook_modules) for d in self.space.decisions]
         plan = ReusePlan(self.model, blocks, decisions, lambda: self._forward(self.calibration[:1]))
         return plan if plan.points else None
 

@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -24,11 +25,12 @@ from torch import nn
 from .core.qconfig import DATA_METHODS, FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, Setting
 from .core.sizes import SizeTable, layer_bytes
 from .core.space import LayerSpec, SearchSpace
-from .errors import PlanError
+from .errors import MPSearchWarning, PlanError
 from .schemas import PlanDocument, PlanDocumentV1, parse
 from .files import finite_json, json_text, read_text, write_atomic
 from .model.fold import fold_batchnorm
 from .model.walk import build_space, model_fingerprint
+from .model.weights import from_rows, get_weight, takes_inputs, to_rows
 
 PLAN_FORMAT = "mpsearch-plan"
 PLAN_VERSION = 2
@@ -72,6 +74,12 @@ class QuantizationPlan:
                 entry["group_size"] = space.quantizer.group_size
             if spec.aliases:
                 entry["aliases"] = list(spec.aliases)
+            if spec.weight_name != f"{name}.weight":
+                entry["weight"] = spec.weight_name
+            if spec.axis:
+                entry["axis"] = spec.axis
+            if spec.module is not None:
+                entry["module"] = spec.module
             if sensitivity and name in sensitivity:
                 entry["sensitivity"] = float(sensitivity[name])
             layers[name] = entry
@@ -175,6 +183,20 @@ class QuantizationPlan:
         """Whether some layer's integers depend on the calibration inputs (gptq, gradient)."""
         return any(self.setting(n).method in DATA_METHODS for n in self.layers)
 
+    def layer_spec(self, name: str) -> LayerSpec:
+        """A planned layer as the size model and the quantizers see it."""
+        e = self.layers[name]
+        return LayerSpec(name, e.get("kind") or "?", e.get("weight") or f"{name}.weight", tuple(e["shape"]),
+                         (e["bits"],), aliases=tuple(e.get("aliases") or ()), axis=int(e.get("axis") or 0),
+                         module=e.get("module"))
+
+    def weight(self, model: nn.Module, name: str) -> torch.Tensor:
+        """The model's tensor that layer ``name`` quantizes."""
+        try:
+            return get_weight(model, self.layer_spec(name).weight_name)
+        except KeyError:
+            raise PlanError(f"plan names layer {name!r}, which the model does not have") from None
+
     def check_model(self, model: nn.Module) -> None:
         fp = model_fingerprint(model)
         if fp != self.model["fingerprint"]:
@@ -182,10 +204,11 @@ class QuantizationPlan:
                 f"plan is for model {self.model.get('name')!r} with fingerprint {self.model['fingerprint']}, "
                 f"but this model's fingerprint is {fp}"
             )
-        modules = dict(model.named_modules(remove_duplicate=False))
         for name in self.layers:
-            if getattr(modules.get(name), "weight", None) is None:
-                raise PlanError(f"plan names layer {name!r}, which the model does not have")
+            w = self.weight(model, name)
+            if list(w.shape) != list(self.layers[name]["shape"]):
+                raise PlanError(f"plan gives layer {name!r} the shape {self.layers[name]['shape']}, the model "
+                                f"{list(w.shape)}")
 
 
 def upgrade_v1(d: dict) -> dict:
@@ -215,16 +238,18 @@ def plan_weights(plan: QuantizationPlan, task_or_model) -> dict:
         if task is None:
             raise PlanError("this plan quantizes with gptq or gradient, whose integers depend on the calibration "
                             "data: pass the task, not only its model")
-        wanted = {n: (n, *e.get("aliases", ())) for n, e in plan.layers.items()
-                  if plan.setting(n).method in DATA_METHODS}
+        wanted = {n: plan.layer_spec(n).hook_modules for n, e in plan.layers.items()
+                  if plan.setting(n).method in DATA_METHODS and takes_inputs(plan.layer_spec(n))}
         moments = input_moments(model, task.calibration, wanted, _call)
     out = {}
     for name in plan.layers:
-        x, w = plan.setting(name), modules[name].weight.detach()
+        spec = plan.layer_spec(name)
+        x, w = plan.setting(name), plan.weight(model, name).detach()
         if not x.quantized:
             out[name] = w.to(torch.float16).to(w.dtype)
             continue
-        out[name] = quantize(w, x, plan.quantizer_config(name), moments.get(name), getattr(modules[name], "groups", 1))
+        groups = getattr(modules[spec.hook_modules[0]], "groups", 1) if takes_inputs(spec) else 1
+        out[name] = quantize(to_rows(w, spec.axis), x, plan.quantizer_config(name), moments.get(name), groups)
     return out
 
 
@@ -244,11 +269,10 @@ def apply(plan: QuantizationPlan, model, *, inplace: bool = False) -> nn.Module:
     plan.check_model(folded)
     weights = plan_weights(plan, replace(model, model=folded) if isinstance(model, Task) else folded)
     target = folded if bns else (target if inplace else copy.deepcopy(target))
-    modules = dict(target.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for name, q in weights.items():
-            w = modules[name].weight
-            w.data = q if isinstance(q, torch.Tensor) else q.dequantize(w.dtype)
+            w = plan.weight(target, name)
+            w.data = q if isinstance(q, torch.Tensor) else from_rows(q.dequantize(w.dtype), plan.layer_spec(name).axis)
     return target
 
 
@@ -256,7 +280,7 @@ def layer_table(plan: QuantizationPlan) -> list[dict]:
     """One row per quantized layer: name, kind, parameters, bits, method, sparsity, bytes (with scales), sensitivity."""
     rows = []
     for name, e in plan.layers.items():
-        spec = LayerSpec(name, e.get("kind", "?"), f"{name}.weight", tuple(e["shape"]), (e["bits"],))
+        spec = plan.layer_spec(name)
         x = plan.setting(name)
         rows.append({"layer": name, "kind": e.get("kind", ""), "params": spec.n_params, "bits": e["bits"],
                      "method": e.get("method", ""), "sparsity": e.get("sparsity", 0.0),
@@ -270,9 +294,13 @@ def pinned_space(plan: QuantizationPlan, model: nn.Module) -> SearchSpace:
     cfg = QuantizerConfig(**plan.quantizer)
     names = list(plan.layers)
     pins = {re.escape(n): plan.setting(n).label() for n in names}
-    return build_space(model, choices=sorted({int(e["bits"]) for e in plan.layers.values()}) or [8],
-                       include=[re.escape(n) for n in names], pin=pins, quantizer=cfg,
-                       model_name=plan.model.get("name", "model"))
+    params = {re.escape(plan.layer_spec(n).weight_name): plan.layer_spec(n).axis
+              for n, e in plan.layers.items() if e.get("kind") == "param"}
+    with warnings.catch_warnings():  # weights the plan leaves out were reported when it was searched
+        warnings.simplefilter("ignore", MPSearchWarning)
+        return build_space(model, choices=sorted({int(e["bits"]) for e in plan.layers.values()}) or [8],
+                           include=[re.escape(n) for n in names], pin=pins, quantizer=cfg, params=params or None,
+                           model_name=plan.model.get("name", "model"))
 
 
 def verify(plan: QuantizationPlan, task) -> dict:

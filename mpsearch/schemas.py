@@ -66,7 +66,11 @@ class SpaceSpec(_Strict):
     choices: list[Bits] = Field(default=[2, 3, 4, 5, 6, 8], min_length=1)
     include: list[str] | None = None
     exclude: list[str] | None = None
-    types: list[Literal["Linear", "Conv1d", "Conv2d", "Embedding"]] | None = Field(default=None, min_length=1)
+    types: list[Literal["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                        "ConvTranspose3d", "Embedding", "RNN", "GRU", "LSTM", "MultiheadAttention", "Conv1D"]] | None = \
+        Field(default=None, min_length=1)
+    params: list[str] | dict[str, int | None] | None = Field(
+        default=None, description="regexes of parameter names searched as weights; {regex: output-channel axis}")
     pin: dict[str, Bits | str] | None = None
     tie: list[str | list[str]] | None = None
     limits: dict[str, LimitSpec] | None = None
@@ -97,6 +101,9 @@ class PlanLayer(BaseModel):
     group_size: int | None = Field(default=None, ge=1)
     aliases: list[str] | None = None
     sensitivity: float | None = None
+    weight: str | None = None  # the parameter's state-dict name, when not "<layer>.weight"
+    axis: int | None = Field(default=None, ge=0)  # output-channel axis, when not 0
+    module: str | None = None  # the module that owns the weight, when the layer is named by the parameter
 
     @field_validator("shape")
     @classmethod

@@ -44,7 +44,7 @@ def _n(batches) -> int:
 # ---- speech -------------------------------------------------------------------------------------
 def test_speech_task_facts(speech_task):
     t = speech_task
-    assert t.name == "speech" and t.metric == "accuracy" and t.search_space is None
+    assert t.name == "speech" and t.metric == "accuracy" and t.search_space == "speech.yaml"
     assert _n(t.calibration) == 392 and _n(t.validation) == 392
     for x, y in t.calibration + t.validation:
         assert x.dtype == torch.float32 and x.shape[1:] == (speech.N_MELS, speech.N_FRAMES) == (40, 98)
@@ -107,7 +107,7 @@ def test_log_mel_matches_a_direct_dft():
 # ---- video --------------------------------------------------------------------------------------
 def test_video_task_facts(video_task):
     t = video_task
-    assert t.name == "video" and t.metric == "accuracy" and t.search_space is None
+    assert t.name == "video" and t.metric == "accuracy" and t.search_space == "video.yaml"
     assert _n(t.calibration) == 256 and _n(t.validation) == 512
     for x, y in t.calibration + t.validation:
         assert x.dtype == torch.float32 and x.shape[1:] == (1, 8, 32, 32)
@@ -167,3 +167,29 @@ def test_shipped_files_are_small():
     assert sum(f.stat().st_size for f in speech_files) <= MAX_SHIPPED
     assert sum(f.stat().st_size for f in video_files) <= MAX_SHIPPED
     assert speech.WEIGHTS.stat().st_size <= 500_000 and video.WEIGHTS.stat().st_size <= 500_000
+
+
+@pytest.mark.parametrize("name", ["speech", "video"])
+def test_shipped_space_searches_every_weight(name, speech_task, video_task):
+    """The task's space covers every weight of two or more dimensions (so no warning), the GRU's and
+    Conv3d's included, and the quantized GRU/Conv3d change what the model computes."""
+    import warnings
+
+    from mpsearch.errors import MPSearchWarning
+    from mpsearch.evaluator import Evaluator
+    from mpsearch.model import space_for
+
+    task = speech_task if name == "speech" else video_task
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MPSearchWarning)
+        space = space_for(task, None)
+    weights = {n for n, p in task.model.named_parameters() if p.dim() >= 2}
+    assert {s.weight_name for s in space.layers.values()} == weights
+    kinds = {s.kind for s in space.layers.values()}
+    assert kinds == ({"Conv1d", "GRU", "Linear"} if name == "speech" else {"Conv3d", "Linear"})
+    special = [d for d in space.decisions if space.layers[d.layers[0]].kind in ("GRU", "Conv3d")]
+    with Evaluator(task, space, cache_dir=None) as ev:
+        top = ev.evaluate(space.highest()).metric
+        for d in special:  # 2 bits on that weight alone costs accuracy: it is really swapped in
+            cand = tuple(2 if e is d else e.choices[-1] for e in space.decisions)
+            assert ev.evaluate(cand).metric < top, d.name

@@ -29,8 +29,8 @@ def layer_bytes(layer: LayerSpec, setting: Setting, cfg: QuantizerConfig) -> int
         return n * layer.element_size
     if bits == FLOAT16_BITS:
         return n * 2
-    groups = n_groups(layer.shape, cfg)
-    total = _ceil8(kept_weights(layer.shape, setting.sparsity) * bits) + _ceil8(groups * cfg.scale_bits)
+    groups = n_groups(layer.rows_shape, cfg)
+    total = _ceil8(kept_weights(layer.rows_shape, setting.sparsity) * bits) + _ceil8(groups * cfg.scale_bits)
     if cfg.scheme == "asymmetric":
         total += _ceil8(groups * cfg.zero_point_bits)
     if setting.sparse:
@@ -41,7 +41,7 @@ def layer_bytes(layer: LayerSpec, setting: Setting, cfg: QuantizerConfig) -> int
 def layer_bits(layer: LayerSpec, setting: Setting, cfg: QuantizerConfig) -> int:
     """Every stored bit of the tensor (``qconfig.stored_bits``): what average bits count, as llama.cpp's
     bits per weight do."""
-    return stored_bits(layer.shape, setting, cfg, layer.element_size)
+    return stored_bits(layer.rows_shape, setting, cfg, layer.element_size)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,12 @@ Choice = int | str
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One quantizable weight; ``aliases`` are other modules that share it (counted once)."""
+    """One quantizable weight; ``aliases`` are other modules that share it (counted once).
+
+    ``name`` is the module's name when the weight is a module's ``weight`` (Linear, Conv, Embedding), or the
+    parameter's full name otherwise (``gru.weight_hh_l0``, ``attn.in_proj_weight``); ``module`` is then the
+    module that owns it, where its weight is swapped in. ``axis`` is the output-channel axis: scales are
+    per slice along it (1 for transposed convolutions and GPT-2's ``Conv1D``, 0 otherwise)."""
 
     name: str
     kind: str
@@ -33,10 +38,27 @@ class LayerSpec:
     choices: tuple[Choice, ...]
     element_size: int = 4
     aliases: tuple[str, ...] = ()
+    axis: int = 0
+    module: str | None = None  # None: the module named ``name``; "" is the root module
 
     @property
     def n_params(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def rows_shape(self) -> tuple[int, ...]:
+        """The shape with the output-channel axis first: the layout scales and groups are counted in."""
+        return rows_shape(self.shape, self.axis)
+
+    @property
+    def hook_modules(self) -> tuple[str, ...]:
+        """Modules whose forward reads the weight."""
+        return (self.name if self.module is None else self.module, *self.aliases)
+
+
+def rows_shape(shape: Sequence[int], axis: int = 0) -> tuple[int, ...]:
+    shape = tuple(shape)
+    return shape if axis == 0 else (shape[axis], *shape[:axis], *shape[axis + 1:])
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,16 @@ class Exporter:
     needs_model: bool
     suffix: str
     description: str
+    kinds: frozenset | None = None  # the kinds of weight it can carry (None: any)
 
 
 REGISTRY: dict[str, Exporter] = {}
 _MODULES = ("tables", "torchao", "onnxruntime", "llama_cpp", "gptqmodel")
 
 
-def register(name: str, *, needs_model: bool, suffix: str, description: str):
+def register(name: str, *, needs_model: bool, suffix: str, description: str, kinds=None):
     def deco(fn):
-        REGISTRY[name] = Exporter(name, fn, needs_model, suffix, description)
+        REGISTRY[name] = Exporter(name, fn, needs_model, suffix, description, None if kinds is None else frozenset(kinds))
         return fn
 
     return deco
@@ -72,6 +73,12 @@ def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan
     if fmt not in REGISTRY:
         raise MPSearchError(f"unknown export format {fmt!r}; choose one of {', '.join(sorted(REGISTRY))}")
     ex = REGISTRY[fmt]
+    if ex.kinds is not None:
+        other = [(n, e.get("kind")) for n, e in plan.layers.items() if e.get("kind") is not None and e.get("kind") not in ex.kinds]
+        if other:
+            raise MPSearchError(f"{fmt} export: layer {other[0][0]!r} is a {other[0][1]} weight "
+                                f"({len(other)} such layer(s)); this exporter carries {', '.join(sorted(ex.kinds))} "
+                                "weights only: exclude those layers from the space, or export to another format")
     if ex.needs_model and task is None:
         raise MPSearchError(f"export format {fmt!r} needs the model: pass --model")
     if ex.needs_model:

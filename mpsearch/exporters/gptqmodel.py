@@ -113,7 +113,8 @@ def quantize_config(plan: QuantizationPlan) -> tuple[dict, dict]:
 
 
 @register("gptqmodel", needs_model=False, suffix=".json",
-          description="GPTQModel / vLLM: quantize_config.json with per-module 'dynamic' overrides")
+          description="GPTQModel / vLLM: quantize_config.json with per-module 'dynamic' overrides",
+          kinds=("Linear", "Conv1D", "Embedding"))
 def to_gptqmodel(plan: QuantizationPlan, out: Path, task=None) -> ExportResult:
     notes = runtime_quantizes(plan, "gptqmodel")
     cfg, details = quantize_config(plan)

@@ -154,7 +154,8 @@ def tensor_types(plan: QuantizationPlan) -> list[dict]:
 
 
 @register("llama-cpp", needs_model=False, suffix=".txt",
-          description="llama.cpp: --tensor-type-file for llama-quantize (regex=type per tensor)")
+          description="llama.cpp: --tensor-type-file for llama-quantize (regex=type per tensor)",
+          kinds=("Linear", "Conv1D", "Embedding"))
 def to_llama_cpp(plan: QuantizationPlan, out: Path, task=None) -> ExportResult:
     requant = runtime_quantizes(plan, "llama-cpp")
     rows = tensor_types(plan)

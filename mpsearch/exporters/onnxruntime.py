@@ -248,7 +248,8 @@ def run_onnx(sess, batches: list) -> torch.Tensor:
 
 
 @register("onnxruntime", needs_model=True, suffix=".onnx",
-          description="ONNX model, weight-only QDQ (INT4/INT8 DequantizeLinear), opset 21, for ONNX Runtime")
+          description="ONNX model, weight-only QDQ (INT4/INT8 DequantizeLinear), opset 21, for ONNX Runtime",
+          kinds=("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding"))
 def to_onnxruntime(plan: QuantizationPlan, out: Path, task) -> ExportResult:
     details = export_quantized_onnx(plan, task.model, task, out)
     sess = session(out)  # it loads on ONNX Runtime's CPU provider

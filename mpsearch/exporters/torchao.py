@@ -213,7 +213,8 @@ def weight_summary(model: nn.Module, names) -> dict[str, dict]:
 
 
 @register("torchao", needs_model=True, suffix=".json",
-          description="torchao FqnToConfig (JSON) + quantized state dict (.pt)")
+          description="torchao FqnToConfig (JSON) + quantized state dict (.pt)",
+          kinds=("Linear", "Conv1d", "Conv2d", "Embedding"))
 def to_torchao(plan: QuantizationPlan, out: Path, task) -> ExportResult:
     model = copy.deepcopy(task.model)  # the task's own model stays as it is
     cfg = torchao_config(plan, model)  # imports torchao, quietly

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import warnings
 from typing import Sequence
 
 from torch import nn
@@ -16,9 +17,12 @@ from ..core.qconfig import DATA_METHODS, METHODS, SEMI_STRUCTURED, QuantizerConf
 from ..core.sizes import layer_bytes
 from ..core.space import DEFAULT_BITS, Decision, LayerSpec, SearchSpace, check_bits
 from ..errors import SpaceError
+from ..errors import MPSearchWarning
 from ..schemas import SpaceSpec, parse
+from .weights import KINDS, get_weight, module_weights, param_axis, takes_inputs
 
-LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+LAYER_TYPES = KINDS  # every kind a space's ``types`` may name
+DEFAULT_KINDS = tuple(k for k in KINDS if k != "param")
 
 
 def _matching(patterns: Sequence[str], names: Sequence[str], what: str) -> list[str]:
@@ -64,6 +68,7 @@ def build_space(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     types: Sequence[str] | None = None,
+    params: Sequence[str] | dict[str, int | None] | None = None,
     pin: dict[str, int] | None = None,
     tie: Sequence[str | Sequence[str]] | None = None,
     limits: dict[str, dict] | None = None,
@@ -79,6 +84,11 @@ def build_space(
 ) -> SearchSpace:
     """The space of ``model``'s quantizable weights; every argument is checked by ``SpaceSpec`` first.
 
+    ``types`` limits the kinds searched (default: every kind ``model.weights`` knows); ``params`` adds any
+    parameter whose full name a regex matches, as a list of regexes or ``{regex: output-channel axis}``
+    (null: the axis its module's rule gives, else 0). Weights of two or more dimensions left outside the
+    space by their type get a warning with their share of the model's bytes.
+
     Each layer's choices are its bit-widths times ``methods`` times ``sparsity`` levels, ordered from
     the smallest to the largest (equal sizes: cheaper method first). Methods that need a layer's
     inputs (gptq, gradient) are not offered beside others on an Embedding, where they reduce to
@@ -86,13 +96,12 @@ def build_space(
     if isinstance(quantizer, QuantizerConfig):
         quantizer = quantizer.to_dict()
     raw = {"choices": list(choices) if isinstance(choices, (list, tuple)) else choices, "include": include,
-           "exclude": exclude, "types": types, "pin": pin, "tie": tie, "limits": limits,
+           "exclude": exclude, "types": types, "params": params, "pin": pin, "tie": tie, "limits": limits,
            "layer_choices": layer_choices, "methods": methods, "sparsity": sparsity, "quantizer": quantizer,
            "blocks": blocks}
     spec = parse(SpaceSpec, {k: v for k, v in raw.items() if v is not None}, source, SpaceError)
     base_choices = check_bits(spec.choices, "choices")
-    types = list(spec.types or LAYER_TYPES)
-    classes = tuple(LAYER_TYPES[t] for t in types)
+    kinds = list(spec.types or DEFAULT_KINDS)
     qspec = spec.quantizer.model_dump() if spec.quantizer else {}
     default_method = qspec.pop("method", None) or ("mse-clip" if qspec.pop("clip_search", False) else "rtn")
     qspec.pop("clip_search", None)
@@ -104,28 +113,10 @@ def build_space(
     layer_choices = spec.layer_choices
     blocks = spec.blocks
 
-    found: dict[str, LayerSpec] = {}
-    by_param: dict[int, str] = {}
-    # A shared weight appears once in the size model, under the state-dict key kept first.
-    state_key: dict[int, str] = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        state_key.setdefault(id(t), key)
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if not isinstance(mod, classes) or getattr(mod, "weight", None) is None:
-            continue
-        w = mod.weight
-        if id(w) in by_param:
-            first = by_param[id(w)]
-            spec = found[first]
-            if name != first and name not in spec.aliases:
-                found[first] = LayerSpec(**{**spec.__dict__, "aliases": spec.aliases + (name,)})
-            continue
-        by_param[id(w)] = name
-        kind = next(t for t in types if isinstance(mod, LAYER_TYPES[t]))
-        found[name] = LayerSpec(name, kind, state_key.get(id(w), f"{name}.weight"), tuple(w.shape), base_choices,
-                                w.element_size())
+    found = _find_weights(model, kinds, spec.params, base_choices)
     if not found:
-        raise SpaceError("the model has no quantizable layer (Linear, Conv1d, Conv2d, Embedding)")
+        raise SpaceError(f"the model has no quantizable weight of the types {', '.join(kinds)}")
+    _warn_unsearched(model, found, source)
 
     names = list(found)
     selected = _matching(include, names, "include") if include else list(names)
@@ -230,7 +221,7 @@ def _settings(layer: LayerSpec, bits: Sequence[int], methods: list[str], sparsit
               ) -> tuple[Setting, ...]:
     """The settings a layer is offered, smallest first (equal sizes: cheaper method, then denser)."""
     inner = math.prod(layer.shape[1:])
-    usable = [m for m in methods if not (layer.kind == "Embedding" and m in DATA_METHODS)] or methods
+    usable = [m for m in methods if takes_inputs(layer) or m not in DATA_METHODS] or methods
     out = []
     for b in bits:
         if not is_integer_bits(b):
@@ -279,3 +270,74 @@ def _tie_groups(tie: Sequence[str | Sequence[str]], free: list[str]) -> list[tup
             if len(g) > 1:
                 groups.append(g)
     return groups
+
+
+def _find_weights(model: nn.Module, kinds: Sequence[str], params, choices) -> dict[str, LayerSpec]:
+    """Every searchable weight, in network order; a weight shared by several modules is found once, the
+    other modules its aliases (a shared weight is stored once, under the state-dict key kept first)."""
+    state_key: dict[int, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        state_key.setdefault(id(t), key)
+    found: dict[str, LayerSpec] = {}
+    by_param: dict[int, str] = {}
+
+    attention = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.MultiheadAttention)]
+
+    def add(name: str, module: str, attr: str, kind: str, axis: int) -> None:
+        w = getattr(model.get_submodule(module), attr)
+        # nn.MultiheadAttention reads out_proj.weight itself, never calling out_proj: swap it in around the attention
+        module = next((a for a in attention if module.startswith(a + ".")), module)
+        if id(w) in by_param:
+            first = found[by_param[id(w)]]
+            if module not in first.hook_modules:
+                found[first.name] = LayerSpec(**{**first.__dict__, "aliases": first.aliases + (module,)})
+            return
+        by_param[id(w)] = name
+        found[name] = LayerSpec(name, kind, state_key.get(id(w), f"{module}.{attr}" if module else attr),
+                                tuple(w.shape), choices, w.element_size(), axis=axis,
+                                module=None if module == name else module)
+
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for f in module_weights(name, mod, kinds):
+            add(f.name, f.module, f.attr, f.kind, f.axis)
+    if params:
+        patterns = params if isinstance(params, dict) else {p: None for p in params}
+        named = list(model.named_parameters(remove_duplicate=False))
+        for pat, axis in patterns.items():
+            try:
+                rx = re.compile(pat)
+            except re.error as exc:
+                raise SpaceError(f"params: invalid pattern {pat!r}: {exc}") from None
+            hits = [(n, p) for n, p in named if rx.fullmatch(n)]
+            if not hits:
+                raise SpaceError(f"params: pattern {pat!r} matches no parameter")
+            for n, p in hits:
+                module, _, attr = n.rpartition(".")
+                if p.dim() < 2:
+                    raise SpaceError(f"params: {n} has {p.dim()} dimension(s); only weights of 2 or more are quantized")
+                ax = param_axis(model, module, attr) if axis is None else axis
+                if not -p.dim() <= ax < p.dim():
+                    raise SpaceError(f"params: axis {ax} is outside {n}'s {p.dim()} dimensions")
+                add(n, module, attr, "param", ax % p.dim())
+    return found
+
+
+def unsearched_weights(model: nn.Module, found: dict[str, LayerSpec]) -> dict[str, int]:
+    """Parameters of two or more dimensions that no layer of ``found`` covers, with their bytes."""
+    ids = {id(get_weight(model, spec.weight_name)) for spec in found.values()}
+    out = {}
+    for n, p in model.named_parameters():
+        if p.dim() >= 2 and id(p) not in ids:
+            out[n] = p.numel() * p.element_size()
+    return out
+
+
+def _warn_unsearched(model: nn.Module, found: dict[str, LayerSpec], source: str) -> None:
+    left = unsearched_weights(model, found)
+    if not left:
+        return
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values()) or 1
+    share = sum(left.values()) / total
+    names = ", ".join(list(left)[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+    warnings.warn(f"{source}: {len(left)} weight(s) of a type not searched stay in float, {share:.1%} of the model's "
+                  f"bytes: {names} (name them under `params:` to search them)", MPSearchWarning, stacklevel=3)

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.weights import is_hf_conv1d
+
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _patches(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(groups, n, inner) input rows of a Linear (one group) or a convolution (unfolded patches)."""
-    if isinstance(mod, nn.Linear):
+    if isinstance(mod, nn.Linear) or is_hf_conv1d(mod):
         return x.reshape(1, -1, x.shape[-1])
     nd = x.dim() - 2
     k, d, st = mod.kernel_size, mod.dilation, mod.stride
@@ -53,7 +55,7 @@ def input_moments(model: nn.Module, batches: Iterable, layers: dict[str, tuple[s
     for layer, names in layers.items():
         for name in names:
             mod = modules.get(name)
-            if not isinstance(mod, (nn.Linear, *CONVS)):
+            if not isinstance(mod, (nn.Linear, *CONVS)) and not is_hf_conv1d(mod):
                 continue
 
             def hook(m, inp, out, layer=layer):

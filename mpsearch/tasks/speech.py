@@ -32,6 +32,7 @@ from .task import Task, classification_task, fit_epoch, shipped_weights
 DATA = Path(__file__).parent / "data"
 EVAL_DATA = DATA / "speech_eval.npz"
 WEIGHTS = DATA / "speech_crnn.npz"
+SEARCH_SPACE = "speech.yaml"
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "yes", "no", "up", "down"]
 SAMPLE_RATE = 16000
 N_FFT = 512
@@ -176,6 +177,7 @@ def load_task() -> Task:
     s = splits()
     cal, val = s["calibration"], s["validation"]
     return classification_task(load_model(), (cal["x"], cal["y"]), (val["x"], val["y"]), BATCH, "speech",
+                               search_space=SEARCH_SPACE,
                                meta={"classes": list(WORDS)})
 
 

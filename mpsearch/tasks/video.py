@@ -37,6 +37,7 @@ from torch import nn
 from .task import Task, classification_task, fit_epoch, shipped_weights
 
 WEIGHTS = Path(__file__).parent / "data" / "video_c3d.npz"
+SEARCH_SPACE = "video.yaml"
 FRAMES, SIZE, DIGIT = 8, 32, 16
 DIRECTIONS = ["right", "left", "down", "up"]
 N_CLASSES = 10 * len(DIRECTIONS)
@@ -138,6 +139,7 @@ def load_model() -> VideoC3D:
 def load_task() -> Task:
     s = splits()
     return classification_task(load_model(), s["calibration"], s["validation"], BATCH, "video",
+                               search_space=SEARCH_SPACE,
                                meta={"classes": [f"{d} {DIRECTIONS[k]}" for d in range(10) for k in range(4)]})
 
 
