@@ -155,7 +155,11 @@ def main() -> None:
     p.add_argument("--minilm-strategies", default="greedy,bayes,pso,random")
     p.add_argument("--one", help=argparse.SUPPRESS)  # SIZE:DTYPE, run in a child process
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json")
     a = p.parse_args()
+    if a.render:
+        write_markdown(json.loads((OUT / "scale.json").read_text()))
+        return
     if a.one:
         size, dtype = a.one.split(":")
         print("ROW " + json.dumps(one_size(size, dtype, a.evals)), flush=True)
@@ -217,6 +221,8 @@ def write_markdown(out: dict) -> None:
             f"{markdown_table(mini)}\n"
             f"_{out['environment']}; wall time {walls}; regenerate with "
             "`python experiments/bench_scale.py`._\n")
+    if out.get("notes"):  # how rows measured in separate runs came together (kept in scale.json)
+        text += "\n" + out["notes"].strip() + "\n"
     (OUT / "scale.md").write_text(text)
 
 

@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import resource
+import sys
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import replace
@@ -105,14 +106,16 @@ def _libc_trim():
 
 
 _TRIM = _libc_trim()
+_EVICTED_REFS = 3  # references to an evicted weight nobody else holds: LRUCache.put's, _recycle's argument, getrefcount's
 
 
 class LRUCache:
     """Tensors (or block outputs) by key, least recently used evicted first beyond ``cap_bytes``."""
 
-    def __init__(self, cap_bytes: int, size=lambda entry: output_bytes(entry[0])):
+    def __init__(self, cap_bytes: int, size=lambda entry: output_bytes(entry[0]), on_evict=None):
         self.cap = int(cap_bytes)
         self.size = size
+        self.on_evict = on_evict
         self.used = 0
         self.items: OrderedDict = OrderedDict()
         self.hits = self.misses = self.evictions = 0
@@ -146,6 +149,9 @@ class LRUCache:
             _, old = self.items.popitem(last=False)
             self.used -= self.size(old)
             self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(old)
+            del old
 
     def clear(self) -> None:
         self.items.clear()
@@ -159,8 +165,8 @@ class HalfWeight:
         self.w = w
         self.nbytes = w.numel() * 2
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.w.to(dtype)
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.w.to(dtype) if out is None else out.copy_(self.w)
 
 
 class Evaluator:
@@ -208,7 +214,10 @@ class Evaluator:
             cache_mb = max(64.0, extra - activation_cache_mb)
         self._activation_cache_mb = activation_cache_mb
         # half for dequantized weights ready to swap in, half for the compact records they come from
-        self.weights = LRUCache(int(cache_mb * MB / 2), size=lambda t: t.numel() * t.element_size())
+        self.weights = LRUCache(int(cache_mb * MB / 2), size=lambda t: t.numel() * t.element_size(),
+                                on_evict=self._recycle)
+        self._spare: dict[tuple, torch.Tensor] = {}  # evicted dequantized weights, one per shape, written over
+        self.recycled = 0  # misses dequantized into a spare
         self.stored = LRUCache(int(cache_mb * MB / 2), size=lambda r: r.nbytes)
         self.prep_s = 0.0  # one-off preparation: inputs captured, weights quantized the first time
         self.requant_s = 0.0  # recomputing weights the bounded cache had evicted (part of evaluations)
@@ -376,12 +385,25 @@ class Evaluator:
             else:
                 self.prep_log[key] = dt
                 self.prep_s += dt
-        w = stored.dequantize(self._original[layer].dtype)
+        original, axis = self._original[layer], self.space.layers[layer].axis
+        spare = self._spare.pop((original.shape, original.dtype), None) if axis == 0 else None
+        w = stored.dequantize(original.dtype, out=spare)
+        self.recycled += spare is not None
         if isinstance(stored, QuantizedWeight):
-            w = from_rows(w, self.space.layers[layer].axis)
+            w = from_rows(w, axis)
         w = w.to(self.device)
         self.weights.put(key, w)
         return w
+
+    def _recycle(self, w: torch.Tensor) -> None:
+        """Keep a dequantized weight the cache let go, to write the next miss of its shape into: a random
+        candidate then costs the arithmetic of dequantizing, not fresh memory (page faults, heap trims).
+        Only one nobody holds: not a parameter's data now, not referenced from Python but by the eviction."""
+        if w.device.type != "cpu" or w.device != self.device or sys.getrefcount(w) > _EVICTED_REFS:
+            return
+        if any(p.data_ptr() == w.data_ptr() for p in self._params.values()):
+            return
+        self._spare.setdefault((w.shape, w.dtype), w)
 
     def _quantize(self, layer: str, setting) -> "QuantizedWeight | HalfWeight":
         """A layer's stored record at an integer or float16 setting; quantized in float32 whatever the model's
@@ -426,6 +448,7 @@ class Evaluator:
             h.remove()
         self._hooks = []
         self.weights.clear()
+        self._spare.clear()
         self.stored.clear()
         self.activations.clear()
         self.model.to(self._home)

@@ -36,6 +36,7 @@ class QuantizerSpec(_Strict):
     scale_bits: Literal[16] = Field(default=16, description="scales are stored as float16")
     zero_point_bits: int = Field(default=8, ge=1, le=16)
     grid: Literal["full", "narrow"] = "full"
+    act_order: bool = Field(default=False, description="gptq: also try columns by decreasing input energy")
 
 
 class SpaceQuantizerSpec(QuantizerSpec):

@@ -180,6 +180,28 @@ def test_evaluate_matches_naive_requantization_digits(digits_evaluator, digits_t
     ev.restore()
 
 
+def test_evicted_weights_are_written_over_only_when_nobody_holds_them(digits_task):
+    """A weight cache a fraction of the space: misses dequantize into evicted weights' memory, scores stay
+    those of a naive re-quantization, and a weight someone still holds is never written over."""
+    from mpsearch.evaluator import Evaluator
+    from mpsearch.model import space_for
+
+    space = space_for(digits_task)
+    pristine = load_digits_model()
+    targets = torch.cat([y for _, y in digits_task.calibration])
+    with Evaluator(digits_task, space, cache_dir=None, cache_mb=0.3, activation_cache_mb=0) as ev:
+        held = ev.quantized_weight("classifier.1", 2)
+        kept = held.clone()
+        rng = np.random.default_rng(3)
+        for _ in range(12):
+            c = space.random(rng)
+            got = ev.evaluate(c).metric
+            logits = _naive_outputs(pristine, space, c, ev.calibration)
+            assert got == (logits.argmax(-1) == targets).float().mean().item()
+        assert ev.weights.evictions > 0 and ev.recycled > 0
+        assert torch.equal(held, kept)
+
+
 def test_evaluate_matches_naive_requantization_minilm(minilm_evaluator, minilm_task):
     ev = minilm_evaluator
     ev.restore()

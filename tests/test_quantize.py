@@ -272,3 +272,20 @@ def test_error_falls_with_bits_every_speech_and_video_weight(name):
             _assert_error_falls(p.detach().reshape(p.shape[0], -1).float(), SYM, f"{name} {pname}")
             seen += 1
     assert seen >= 4
+
+
+@pytest.mark.parametrize("granularity", ["per-channel", "per-group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_a_buffer_is_bit_identical(granularity, dtype):
+    """The evaluator writes misses into evicted weights' memory: the values must be the ones a fresh
+    dequantization gives, in the model's dtype, whether the buffer path applies (whole groups) or not."""
+    torch.manual_seed(0)
+    for inner in (64, 70):  # 70: a ragged last group takes the copying path
+        w = torch.randn(24, inner)
+        cfg = QuantizerConfig(granularity=granularity, group_size=16 if granularity == "per-group" else None)
+        for bits in (2, 4, 8):
+            q = quantize(w, Setting(bits), cfg).compact()
+            out = torch.full((24, inner), float("nan"), dtype=dtype)
+            got = q.dequantize(dtype, out=out)
+            assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+            assert torch.equal(got, q.dequantize(dtype))

@@ -36,6 +36,7 @@ class QuantizerConfig:
     scale_bits: int = 16
     zero_point_bits: int = 8
     grid: str = "full"
+    act_order: bool = False  # gptq: also try columns by decreasing input energy, keep the better (``methods.gptq``)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -51,7 +52,10 @@ class QuantizerConfig:
             raise ValueError("group_size is only meaningful with granularity 'per-group'")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["act_order"]:  # off: plans and cache keys stay as they were before the option existed
+            del d["act_order"]
+        return d
 
 
 @dataclass(frozen=True)

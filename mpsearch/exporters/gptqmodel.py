@@ -94,7 +94,7 @@ def quantize_config(plan: QuantizationPlan) -> tuple[dict, dict]:
     cfg = {
         "bits": default_bits,
         "group_size": default_group,
-        "desc_act": False,
+        "desc_act": bool(q.get("act_order", False)),  # GPTQModel reorders by activation when asked
         "sym": q.get("scheme", "symmetric") == "symmetric",
         "quant_method": "gptq",
         "checkpoint_format": "gptq",

@@ -95,16 +95,67 @@ def _objective(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 def gptq(w: torch.Tensor, bits: int, cfg: QuantizerConfig, h: torch.Tensor, mask: torch.Tensor | None = None,
          damp: float = DAMP, block: int = GPTQ_BLOCK) -> QuantizedWeight:
+    """Frantar et al.'s GPTQ in column order; with ``cfg.act_order``, also in act order (below), keeping
+    whichever has the lower output error trace(E H E^T) on this layer."""
+    q = _gptq_in_order(w, bits, cfg, h, mask, damp, block)
+    if not cfg.act_order or mask is not None:
+        return q
+    a = _gptq_act_order(w, bits, cfg, h, damp)
+    src = w.detach().double().reshape(w.shape[0], -1)
+    err = lambda x: float(_objective(src - x.dequantize().double().reshape(src.shape), h.double()))  # noqa: E731
+    return a if err(a) < err(q) else q
+
+
+def _damped(w: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's starting point in float64: the weight as rows, columns no input ever reaches zeroed (their H
+    diagonal set to 1), and H damped by ``damp`` of its mean diagonal."""
+    W = w.detach().double().reshape(w.shape[0], -1).clone()
+    H = h.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if damp:
+        H += damp * torch.diag(H).mean() * torch.eye(W.shape[1], dtype=H.dtype)
+    return W, H
+
+
+def _gptq_act_order(w: torch.Tensor, bits: int, cfg: QuantizerConfig, h: torch.Tensor, damp: float) -> QuantizedWeight:
+    """GPTQ over the columns in decreasing order of H's diagonal (the inputs with the most energy first, while
+    the most columns remain to absorb their error), with "static groups": every group's scale is fitted on the
+    unquantized weights first, so a group's columns may come in any order. Dense weights only."""
     with torch.no_grad():
         shape, out = tuple(w.shape), w.shape[0]
-        W = w.detach().double().reshape(out, -1).clone()
+        W, H = _damped(w, h, damp)
         inner = W.shape[1]
-        H = h.double().clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
-        if damp:
-            H += damp * torch.diag(H).mean() * torch.eye(inner, dtype=H.dtype)
+        group = cfg.group_size if cfg.granularity == "per-group" else inner
+        n_g = -(-inner // group)
+        fits = [fit(W[:, g * group:(g + 1) * group], bits, cfg, None, clip_search=True) for g in range(n_g)]
+        scales = torch.cat([f[1] for f in fits], dim=1)
+        zps = None if fits[0][2] is None else torch.cat([f[2] for f in fits], dim=1)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        Wp, Hp = W[:, perm].clone(), H[perm][:, perm]
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
+        codes = torch.zeros_like(Wp)
+        for j in range(inner):
+            g = int(perm[j]) // group
+            s_c, z_c = scales[:, g:g + 1], None if zps is None else zps[:, g:g + 1]
+            wc = Wp[:, j:j + 1]
+            q = round_to_grid(wc, s_c, z_c, bits, cfg)
+            codes[:, j:j + 1] = q
+            e = (wc - dequant_rows(q, s_c, z_c)) / hinv[j, j]
+            Wp[:, j:] -= e @ hinv[j:j + 1, j:]
+        codes = codes[:, torch.argsort(perm)]
+        return QuantizedWeight(bits, shape, codes.to(torch.int32), scales.float().contiguous(),
+                               None if zps is None else zps.to(torch.int32), cfg.group_size
+                               if cfg.granularity == "per-group" else None, None)
+
+
+def _gptq_in_order(w: torch.Tensor, bits: int, cfg: QuantizerConfig, h: torch.Tensor, mask: torch.Tensor | None,
+                   damp: float, block: int) -> QuantizedWeight:
+    with torch.no_grad():
+        shape, out = tuple(w.shape), w.shape[0]
+        W, H = _damped(w, h, damp)
+        inner = W.shape[1]
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
         group = cfg.group_size if cfg.granularity == "per-group" else None
         if group is not None:
