@@ -106,6 +106,15 @@ def test_unsearched_weights_are_named_in_a_warning(task):
         build_space(task.model, types=["Linear"])
 
 
+def test_every_kind_is_a_valid_types_entry():
+    from mpsearch.model import KINDS
+    from mpsearch.schemas import SpaceSpec, parse
+
+    for kind in KINDS:
+        if kind != "param":  # params: names those
+            assert parse(SpaceSpec, {"types": [kind]}, "space", MPSearchError).types == [kind]
+
+
 def test_params_patterns_are_checked(task):
     with pytest.raises(MPSearchError, match="matches no parameter"):
         _space(task, params=["nope"])

@@ -193,3 +193,33 @@ def test_shipped_space_searches_every_weight(name, speech_task, video_task):
         for d in special:  # 2 bits on that weight alone costs accuracy: it is really swapped in
             cand = tuple(2 if e is d else e.choices[-1] for e in space.decisions)
             assert ev.evaluate(cand).metric < top, d.name
+
+
+def test_video_plan_runs_in_onnxruntime_and_speech_plan_is_refused(video_task, speech_task, tmp_path):
+    """Conv3d weights travel to ONNX Runtime as their integers (ORT computes what was scored); the speech
+    plan's GRU matrices, which torch's ONNX export packs and reorders by gate, are refused in one line."""
+    from mpsearch.errors import MPSearchError
+    from mpsearch.evaluator import Evaluator
+    from mpsearch.exporters import export
+    from mpsearch.exporters.onnxruntime import run_onnx, session
+    from mpsearch.model import space_for
+    from mpsearch.plan import QuantizationPlan
+
+    space = space_for(video_task)
+    cand = tuple(d.choices[i % 3] for i, d in enumerate(space.decisions))  # 2, 3 and 4 bits
+    with Evaluator(video_task, space, cache_dir=None) as ev:
+        plan = QuantizationPlan.from_candidate(ev, cand)
+        ev.apply(cand)
+        with torch.no_grad():
+            expected = torch.cat([video_task.model(x) for x, _ in ev.validation])
+        ev.restore()
+    res = export(plan, "onnxruntime", tmp_path / "video.onnx", video_task)
+    kinds = {plan.layers[d["layer"]]["kind"] for d in res.details["initializers"].values()}
+    assert kinds == {"Conv3d", "Linear"}
+    assert torch.allclose(run_onnx(session(tmp_path / "video.onnx"), video_task.validation), expected, atol=1e-4)
+
+    sspace = space_for(speech_task)
+    with Evaluator(speech_task, sspace, cache_dir=None) as ev:
+        splan = QuantizationPlan.from_candidate(ev, sspace.uniform(4))
+    with pytest.raises(MPSearchError, match="^onnxruntime export: layer 'gru.weight_ih_l0' is a GRU weight"):
+        export(splan, "onnxruntime", tmp_path / "speech.onnx", speech_task)

@@ -21,7 +21,6 @@ from ..errors import MPSearchWarning
 from ..schemas import SpaceSpec, parse
 from .weights import KINDS, get_weight, module_weights, param_axis, takes_inputs
 
-LAYER_TYPES = KINDS  # every kind a space's ``types`` may name
 DEFAULT_KINDS = tuple(k for k in KINDS if k != "param")
 
 
