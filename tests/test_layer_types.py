@@ -187,6 +187,34 @@ def test_transformer_encoder_in_proj_is_searched_in_eval_mode():
         assert _cosine(quantized(x[:8]), model(x[:8])) == pytest.approx(low.metric, abs=1e-5)
 
 
+def test_attention_with_separate_q_k_v_weights():
+    """kdim/vdim unlike embed_dim: nn.MultiheadAttention keeps q/k/v_proj_weight apart, each a layer."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=4, batch_first=True)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x[..., :8], x[..., 8:14], x[..., 14:18])[0]
+
+    x = torch.randn(10, 5, 18)
+    task = Task(model=Cross().eval(), calibration=[(x[:6], None)], validation=[(x[6:], None)], metric="neg_mse")
+    space = _space(task, choices=[2, 16])
+    names = {n: (s.kind, s.shape) for n, s in space.layers.items()}
+    assert names == {"attn.q_proj_weight": ("MultiheadAttention", (8, 8)),
+                     "attn.k_proj_weight": ("MultiheadAttention", (8, 6)),
+                     "attn.v_proj_weight": ("MultiheadAttention", (8, 4)),
+                     "attn.out_proj": ("Linear", (8, 8))}
+    with Evaluator(task, space, cache_dir=None) as ev:
+        top = ev.evaluate(space.highest()).metric
+        for d in space.decisions:
+            cand = tuple(2 if e is d else 16 for e in space.decisions)
+            assert ev.evaluate(cand).metric < 10 * top < 0, d.name
+
+
 def test_conv1d_scales_match_a_transposed_linear():
     torch.manual_seed(0)
     conv = Conv1D(12, 16)
@@ -233,11 +261,51 @@ def test_plan_round_trip_and_apply_match_the_evaluator(task, tmp_path):
     assert got["metric"] == pytest.approx(score, abs=1e-6)
 
 
+class Deconv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 3, stride=2)
+        self.up1 = nn.ConvTranspose1d(4, 5, 3, groups=1)
+        self.c1d = Conv1D(6, 5)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (batch, 3, 4, 4)
+        h = self.up(x).flatten(2)  # (batch, 4, 81)
+        h = self.up1(h).mean(-1)  # (batch, 5)
+        return self.head(torch.tanh(self.c1d(h)))
+
+
+@pytest.mark.parametrize("quantizer", [{}, {"granularity": "per-group", "group_size": 4}])
+def test_transposed_layouts_run_in_onnxruntime(tmp_path, quantizer):
+    """ConvTranspose and Conv1D keep their output channel on axis 1: ONNX Runtime gets the plan's integers
+    as rows and the graph moves them back, computing what the evaluator scored."""
+    from mpsearch.exporters.onnxruntime import run_onnx, session
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 4, 4)
+    task = Task(model=Deconv().eval(), calibration=[(x[:6], None)], validation=[(x[6:], None)], metric="cosine")
+    space = _space(task, choices=[3, 4, 16], quantizer=quantizer)
+    cand = (3, 4, 3, 16)
+    with Evaluator(task, space, cache_dir=None) as ev:
+        plan = QuantizationPlan.from_candidate(ev, cand)
+        ev.apply(cand)
+        with torch.no_grad():
+            expected = task.model(x[6:])
+        ev.restore()
+    res = export(plan, "onnxruntime", tmp_path / "deconv.onnx", task)
+    layers = {d["layer"] for d in res.details["initializers"].values()}
+    assert layers == {"up", "up1", "c1d", "head"}
+    got = run_onnx(session(tmp_path / "deconv.onnx"), task.validation)
+    assert torch.allclose(got, expected, atol=1e-5)
+    with torch.no_grad():  # the quantized weights, not the float ones: far from the float model's outputs
+        assert (got - task.model(x[6:])).abs().max() > 20 * (got - expected).abs().max()
+
+
 def test_exporters_refuse_kinds_they_cannot_carry(task, tmp_path):
     space = _space(task, choices=[4, 8])
     with Evaluator(task, space, cache_dir=None) as ev:
         plan = QuantizationPlan.from_candidate(ev, space.highest())
-    with pytest.raises(MPSearchError, match=r"^onnxruntime export: layer 'up' is a ConvTranspose1d weight") as exc:
+    with pytest.raises(MPSearchError, match=r"^onnxruntime export: layer 'gru.weight_ih_l0' is a GRU weight") as exc:
         export(plan, "onnxruntime", tmp_path / "m.onnx", task)
     assert "\n" not in str(exc.value)
     with pytest.raises(MPSearchError, match="gptqmodel export: layer 'conv3' is a Conv3d weight"):

@@ -105,10 +105,9 @@ def _match_initializers(proto, plan: QuantizationPlan, model: nn.Module) -> dict
     for init in proto.graph.initializer:
         by_shape.setdefault(tuple(init.dims), []).append(init)
     arrays: dict[str, np.ndarray] = {}
-    modules = dict(model.named_modules(remove_duplicate=False))
     found: dict[str, tuple[str, str]] = {}
     for name, entry in plan.layers.items():
-        w = modules[name].weight.detach().float().numpy()
+        w = plan.weight(model, name).detach().float().numpy()
         hits = []
         for layout, arr in (("same", w), ("transposed", w.T if w.ndim == 2 else None)):
             if arr is None:
@@ -140,13 +139,13 @@ def quantize_onnx(proto, plan: QuantizationPlan, model: nn.Module, weights: dict
 
     np_types = {"INT4": ml_dtypes.int4, "UINT4": ml_dtypes.uint4, "INT8": np.int8, "UINT8": np.uint8}
     matches = _match_initializers(proto, plan, model)
-    modules = dict(model.named_modules(remove_duplicate=False))
     inits = {i.name: i for i in proto.graph.initializer}
     new_inits, new_nodes, details = [], [], {}
     for iname, (layer, layout) in matches.items():
         bits = int(plan.layers[layer]["bits"])
         cfg = plan.quantizer_config(layer)
-        w = modules[layer].weight.detach().float()
+        w = plan.weight(model, layer).detach().float()
+        axis = plan.layer_spec(layer).axis
         ctype = container(bits, cfg.scheme)
         details[iname] = {"layer": layer, "bits": bits, "container": ctype, "layout": layout}
         proto.graph.initializer.remove(inits[iname])
@@ -176,14 +175,25 @@ def quantize_onnx(proto, plan: QuantizationPlan, model: nn.Module, weights: dict
         if cfg.scheme != "symmetric":
             new_inits.append(numpy_helper.from_array(z_arr.astype(np_types[ctype]), z_name))
             dq_inputs.append(z_name)
-        cur = iname if (w.dim() == 2 and layout == "same") else iname + "_dq"
+        # the codes are rows (output channel first); the initializer is the torch weight, or its transpose
+        if w.dim() == 2:
+            steps = [("Transpose", [1, 0])] if (axis == 0) == (layout == "transposed") else []
+        else:
+            rows = plan.layer_spec(layer).rows_shape
+            steps = [("Reshape", list(rows))]
+            if axis:  # back from output-channel-first to the layout of a transposed convolution
+                steps.append(("Transpose", [*range(1, axis + 1), 0, *range(axis + 1, w.dim())]))
+        cur = iname if not steps else iname + "_dq"
         new_nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [cur], name=iname + "_DequantizeLinear", **attrs))
-        if w.dim() != 2:
-            shape_name = iname + "_shape"
-            new_inits.append(numpy_helper.from_array(np.array(list(w.shape), dtype=np.int64), shape_name))
-            new_nodes.append(helper.make_node("Reshape", [cur, shape_name], [iname], name=iname + "_reshape"))
-        elif layout == "transposed":
-            new_nodes.append(helper.make_node("Transpose", [cur], [iname], perm=[1, 0], name=iname + "_transpose"))
+        for i, (op, arg) in enumerate(steps):
+            nxt = iname if i == len(steps) - 1 else f"{iname}_{op.lower()}{i}"
+            if op == "Reshape":
+                shape_name = iname + "_shape"
+                new_inits.append(numpy_helper.from_array(np.array(arg, dtype=np.int64), shape_name))
+                new_nodes.append(helper.make_node("Reshape", [cur, shape_name], [nxt], name=iname + "_reshape"))
+            else:
+                new_nodes.append(helper.make_node("Transpose", [cur], [nxt], perm=arg, name=iname + "_transpose"))
+            cur = nxt
         details[iname].update({"shape": [out_ch, inner], "n_scales": int(scale.numel()), **attrs})
     proto.graph.initializer.extend(new_inits)
     old = list(proto.graph.node)
@@ -249,7 +259,8 @@ def run_onnx(sess, batches: list) -> torch.Tensor:
 
 @register("onnxruntime", needs_model=True, suffix=".onnx",
           description="ONNX model, weight-only QDQ (INT4/INT8 DequantizeLinear), opset 21, for ONNX Runtime",
-          kinds=("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding"))
+          kinds=("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                 "Conv1D", "Embedding"))
 def to_onnxruntime(plan: QuantizationPlan, out: Path, task) -> ExportResult:
     details = export_quantized_onnx(plan, task.model, task, out)
     sess = session(out)  # it loads on ONNX Runtime's CPU provider
