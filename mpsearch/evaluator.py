@@ -251,6 +251,8 @@ class Evaluator:
         self.points_run = self.points_reused = 0  # reuse points computed / answered from the cache
         self._keep_outputs: deque = deque(maxlen=32)  # whether each recent evaluation reused something
         self._storing = True
+        self._shared: list[tuple] | None = None  # the prefix keys the current batch shares (``prefix_order``)
+        self._batch_members: set = set()
         self._evicted = 0
         self.prefix = self._plan_prefix(blocks if blocks is not None else space.blocks)
         self._points = [named[n] for n in self.prefix.points] if self.prefix is not None else []
@@ -496,7 +498,7 @@ class Evaluator:
                     self.activations.drop(key)  # changed in place by a later module: no longer this output
                 self.points_run += 1
                 out = _orig(*args, **kwargs)
-                if self._storing:
+                if self._storing and (self._shared is None or self._prefix_keys[_j] == self._shared[_j]):
                     self.activations.put(key, (out, tensor_versions(out)))
                 return out
 
@@ -520,6 +522,10 @@ class Evaluator:
             return list(range(len(candidates)))
         order = self.prefix.order
         common = [Counter(c[d] for c in candidates).most_common(1)[0][0] for d in range(len(candidates[0]))]
+        # while this batch runs, keep only outputs of the prefix its candidates share: what one candidate
+        # computes past its departure no other in the batch can use, and keeping it would push shared ones out
+        self._batch_members = {tuple(c) for c in candidates}
+        self._shared = [tuple(common[d] for d in k) for k in self.prefix.keys]
 
         def departs(c) -> int:
             return next((k for k, d in enumerate(order) if c[d] != common[d]), len(order))
@@ -544,6 +550,8 @@ class Evaluator:
         self._current = self.space.layer_choices(cand)
         if self.prefix is not None:
             self._prefix_keys = [tuple(cand[d] for d in k) for k in self.prefix.keys]
+            if cand not in self._batch_members:  # outside the last ordered batch: keep whatever it computes
+                self._shared, self._batch_members = None, set()
         try:
             batches = self.calibration if split == "calibration" else self.validation
             with self._reusing_prefixes():
