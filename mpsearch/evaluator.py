@@ -107,6 +107,9 @@ def _libc_trim():
 
 _TRIM = _libc_trim()
 _EVICTED_REFS = 3  # references to an evicted weight nobody else holds: LRUCache.put's, _recycle's argument, getrefcount's
+# tensors on one memory block: the weight's own, plus the probe's (torch's private counter; absent: no recycling)
+_STORAGE_USES = getattr(torch._C, "_storage_Use_Count", None)
+_UNSHARED_STORAGE = 2
 
 
 class LRUCache:
@@ -400,10 +403,11 @@ class Evaluator:
     def _recycle(self, w: torch.Tensor) -> None:
         """Keep a dequantized weight the cache let go, to write the next miss of its shape into: a random
         candidate then costs the arithmetic of dequantizing, not fresh memory (page faults, heap trims).
-        Only one nobody holds: not a parameter's data now, not referenced from Python but by the eviction."""
-        if w.device.type != "cpu" or w.device != self.device or sys.getrefcount(w) > _EVICTED_REFS:
+        Only one nobody holds: no Python reference but the eviction's, and no other tensor on its memory (a
+        view, a ``state_dict()`` entry, a parameter's data after ``apply``)."""
+        if w.device.type != "cpu" or w.device != self.device or not w.is_contiguous() or _STORAGE_USES is None:
             return
-        if any(p.data_ptr() == w.data_ptr() for p in self._params.values()):
+        if sys.getrefcount(w) > _EVICTED_REFS or _STORAGE_USES(w.untyped_storage()._cdata) > _UNSHARED_STORAGE:
             return
         self._spare.setdefault((w.shape, w.dtype), w)
 

@@ -294,8 +294,7 @@ def pinned_space(plan: QuantizationPlan, model: nn.Module) -> SearchSpace:
     cfg = QuantizerConfig(**plan.quantizer)
     names = list(plan.layers)
     pins = {re.escape(n): plan.setting(n).label() for n in names}
-    params = {re.escape(plan.layer_spec(n).weight_name): plan.layer_spec(n).axis
-              for n, e in plan.layers.items() if e.get("kind") == "param"}
+    params = {re.escape(n): plan.layer_spec(n).axis for n, e in plan.layers.items() if e.get("kind") == "param"}
     with warnings.catch_warnings():  # weights the plan leaves out were reported when it was searched
         warnings.simplefilter("ignore", MPSearchWarning)
         return build_space(model, choices=sorted({int(e["bits"]) for e in plan.layers.values()}) or [8],

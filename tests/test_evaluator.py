@@ -200,6 +200,35 @@ def test_evicted_weights_are_written_over_only_when_nobody_holds_them(digits_tas
             assert got == (logits.argmax(-1) == targets).float().mean().item()
         assert ev.weights.evictions > 0 and ev.recycled > 0
         assert torch.equal(held, kept)
+        # nor memory another tensor shares: a view, or state_dict() taken while a candidate was applied
+        view = ev.quantized_weight("classifier.3", 3).t()
+        kept_view = view.clone()
+        ev.apply(space.lowest())
+        snap = digits_task.model.state_dict()
+        copies = {k: v.clone() for k, v in snap.items()}
+        ev.restore()
+        recycled = ev.recycled
+        for _ in range(8):
+            ev.evaluate(space.random(rng))
+        assert ev.recycled > recycled
+        assert torch.equal(view, kept_view) and all(torch.equal(snap[k], copies[k]) for k in snap)
+
+
+def test_weights_in_another_memory_layout_are_not_reused_as_buffers(digits_task):
+    """A float16 setting keeps a channels_last weight's strides: such a tensor is never a buffer to write into."""
+    from dataclasses import replace
+
+    from mpsearch.evaluator import Evaluator
+    from mpsearch.model import build_space
+
+    model = load_digits_model().to(memory_format=torch.channels_last)
+    task = replace(digits_task, model=model)
+    space = build_space(model, choices=[2, 4, 16])
+    with Evaluator(task, space, cache_dir=None, cache_mb=0.3, activation_cache_mb=0) as ev:
+        rng = np.random.default_rng(0)
+        for _ in range(10):
+            e = ev.evaluate(space.random(rng))
+            assert e.error is None, e.error
 
 
 def test_evaluate_matches_naive_requantization_minilm(minilm_evaluator, minilm_task):

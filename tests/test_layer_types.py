@@ -118,8 +118,11 @@ def test_every_kind_is_a_valid_types_entry():
 def test_params_patterns_are_checked(task):
     with pytest.raises(MPSearchError, match="matches no parameter"):
         _space(task, params=["nope"])
-    with pytest.raises(MPSearchError, match="1 dimension"):
+    with pytest.raises(MPSearchError, match="matches no parameter of 2 or more dimensions"):
         _space(task, params=["head.bias"])
+    # a broad pattern skips norms and biases; what it names, it names instead of a module rule
+    layers = _space(task, params=[r"pos|head\..*"]).layers
+    assert {"pos", "head.weight"} <= set(layers) and "head" not in layers and "head.bias" not in layers
     with pytest.raises(MPSearchError, match="axis 3 is outside"):
         _space(task, params={"pos": 3})
 
@@ -213,6 +216,66 @@ def test_attention_with_separate_q_k_v_weights():
         for d in space.decisions:
             cand = tuple(2 if e is d else 16 for e in space.decisions)
             assert ev.evaluate(cand).metric < 10 * top < 0, d.name
+
+
+def test_attention_at_the_root_and_tied_params_are_swapped_in_everywhere(tmp_path):
+    """An nn.MultiheadAttention that is the model itself still gets its out_proj swapped in around it; a
+    tied weight named under params: is swapped into every module that reads it; a plan of a params: layer
+    that a module rule would also find is verified."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+
+    class Root(nn.Module):
+        def forward(self, x):
+            return attn(x, x, x)[0]
+
+    x = torch.randn(6, 4, 8)
+    space = _space(Task(model=attn, calibration=[(x, None)], validation=[(x, None)]), choices=[2, 16])
+    assert space.layers["out_proj"].hook_modules == ("",)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.mix = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+    ids = torch.randint(0, 20, (6, 5), generator=torch.Generator().manual_seed(0))
+    task = Task(model=Tied().eval(), calibration=[(ids, None)], validation=[(ids, None)], metric="neg_mse")
+    space = _space(task, choices=[2, 16], types=["Linear"], params=[r"head\.weight"])
+    assert space.layers["head.weight"].kind == "param" and set(space.layers["head.weight"].hook_modules) == {"head", "emb"}
+    assert list(space.layers) == ["head.weight", "mix"]  # the params: hit, not the head's module rule
+    with Evaluator(task, space, cache_dir=None) as ev:
+        cand = (2, 16)
+        ev.apply(cand)  # what the model computes with that weight at 2 bits, in both modules
+        with torch.no_grad():
+            expected = task.model(ids)
+        ev.restore()
+        with torch.no_grad():
+            ref = task.model(ids)
+        assert ev.evaluate(cand).metric == pytest.approx(-float(((expected - ref) ** 2).mean()), rel=1e-5)
+        plan = QuantizationPlan.from_candidate(ev, cand)
+    from mpsearch.plan import verify
+
+    assert verify(plan, task)["size_bytes"] == plan.predicted["size_bytes"]
+
+
+def test_semi_structured_sparsity_runs_along_the_rows_of_transposed_weights():
+    """2:4 needs rows that are a multiple of 4 long, counted along the output-channel layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose1d(6, 8, 1), nn.ConvTranspose1d(8, 4, 1)).eval()
+    x = torch.randn(5, 6, 7)
+    task = Task(model=model, calibration=[(x, None)], validation=[(x, None)], metric="cosine")
+    space = _space(task, choices=[4], sparsity=[0, "2:4"])
+    # rows of layer 0 hold 6 weights (not a multiple of 4), of layer 1 eight
+    assert [len(d.choices) for d in space.decisions] == [1, 2]
+    with Evaluator(task, space, cache_dir=None) as ev:
+        e = ev.evaluate(space.lowest())
+        assert e.error is None and e.metric < 1.0
 
 
 def test_conv1d_scales_match_a_transposed_linear():

@@ -288,4 +288,6 @@ def test_dequantize_into_a_buffer_is_bit_identical(granularity, dtype):
             out = torch.full((24, inner), float("nan"), dtype=dtype)
             got = q.dequantize(dtype, out=out)
             assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
-            assert torch.equal(got, q.dequantize(dtype))
+            # the arithmetic spelled out: float32 codes times their scales, then the model's dtype
+            reference = (q.codes.float() * q.per_element(q.scales)).reshape(q.shape).to(dtype)
+            assert torch.equal(got, reference) and torch.equal(q.dequantize(dtype), reference)

@@ -219,7 +219,7 @@ def build_space(
 def _settings(layer: LayerSpec, bits: Sequence[int], methods: list[str], sparsities: list, cfg: QuantizerConfig
               ) -> tuple[Setting, ...]:
     """The settings a layer is offered, smallest first (equal sizes: cheaper method, then denser)."""
-    inner = math.prod(layer.shape[1:])
+    inner = math.prod(layer.rows_shape[1:])
     usable = [m for m in methods if takes_inputs(layer) or m not in DATA_METHODS] or methods
     out = []
     for b in bits:
@@ -272,33 +272,42 @@ def _tie_groups(tie: Sequence[str | Sequence[str]], free: list[str]) -> list[tup
 
 
 def _find_weights(model: nn.Module, kinds: Sequence[str], params, choices) -> dict[str, LayerSpec]:
-    """Every searchable weight, in network order; a weight shared by several modules is found once, the
-    other modules its aliases (a shared weight is stored once, under the state-dict key kept first)."""
+    """Every searchable weight, in network order: those ``params`` names first (they take precedence over a
+    module rule that would find the same tensor), then the module rules. A weight is found once; every other
+    module that owns it is an alias, swapped in too (a shared weight is stored once, under the state-dict key
+    kept first)."""
     state_key: dict[int, str] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         state_key.setdefault(id(t), key)
-    found: dict[str, LayerSpec] = {}
-    by_param: dict[int, str] = {}
+    modules = list(model.named_modules(remove_duplicate=False))
+    position: dict[str, int] = {}
+    owners: dict[int, list[str]] = {}
+    for i, (n, m) in enumerate(modules):
+        position.setdefault(n, i)
+        for _, p in m.named_parameters(recurse=False):
+            if n not in owners.setdefault(id(p), []):
+                owners[id(p)].append(n)
+    attention = [n for n, m in modules if isinstance(m, nn.MultiheadAttention)]
 
-    attention = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.MultiheadAttention)]
+    def reader(module: str) -> str:
+        """Where a weight of ``module`` is swapped in: nn.MultiheadAttention reads its out_proj's weight
+        itself, never calling out_proj, so that one goes in around the attention."""
+        return next((a for a in attention if module != a and (a == "" or module.startswith(a + "."))), module)
+
+    found: dict[str, LayerSpec] = {}
+    seen: set[int] = set()
 
     def add(name: str, module: str, attr: str, kind: str, axis: int) -> None:
         w = getattr(model.get_submodule(module), attr)
-        # nn.MultiheadAttention reads out_proj.weight itself, never calling out_proj: swap it in around the attention
-        module = next((a for a in attention if module.startswith(a + ".")), module)
-        if id(w) in by_param:
-            first = found[by_param[id(w)]]
-            if module not in first.hook_modules:
-                found[first.name] = LayerSpec(**{**first.__dict__, "aliases": first.aliases + (module,)})
+        if id(w) in seen:
             return
-        by_param[id(w)] = name
+        seen.add(id(w))
+        main = reader(module)
+        aliases = tuple(dict.fromkeys(h for h in map(reader, owners.get(id(w), [])) if h != main))
         found[name] = LayerSpec(name, kind, state_key.get(id(w), f"{module}.{attr}" if module else attr),
-                                tuple(w.shape), choices, w.element_size(), axis=axis,
-                                module=None if module == name else module)
+                                tuple(w.shape), choices, w.element_size(), aliases=aliases, axis=axis,
+                                module=None if main == name else main)
 
-    for name, mod in model.named_modules(remove_duplicate=False):
-        for f in module_weights(name, mod, kinds):
-            add(f.name, f.module, f.attr, f.kind, f.axis)
     if params:
         patterns = params if isinstance(params, dict) else {p: None for p in params}
         named = list(model.named_parameters(remove_duplicate=False))
@@ -307,18 +316,21 @@ def _find_weights(model: nn.Module, kinds: Sequence[str], params, choices) -> di
                 rx = re.compile(pat)
             except re.error as exc:
                 raise SpaceError(f"params: invalid pattern {pat!r}: {exc}") from None
-            hits = [(n, p) for n, p in named if rx.fullmatch(n)]
+            hits = [(n, p) for n, p in named if rx.fullmatch(n) and p.dim() >= 2]  # norms and biases: not weights
             if not hits:
-                raise SpaceError(f"params: pattern {pat!r} matches no parameter")
+                raise SpaceError(f"params: pattern {pat!r} matches no parameter of 2 or more dimensions")
             for n, p in hits:
                 module, _, attr = n.rpartition(".")
-                if p.dim() < 2:
-                    raise SpaceError(f"params: {n} has {p.dim()} dimension(s); only weights of 2 or more are quantized")
                 ax = param_axis(model, module, attr) if axis is None else axis
                 if not -p.dim() <= ax < p.dim():
                     raise SpaceError(f"params: axis {ax} is outside {n}'s {p.dim()} dimensions")
                 add(n, module, attr, "param", ax % p.dim())
-    return found
+    for name, mod in modules:
+        for f in module_weights(name, mod, kinds):
+            add(f.name, f.module, f.attr, f.kind, f.axis)
+    rank = {n: i for i, n in enumerate(found)}
+    first = {n: min(position[h] for h in spec.hook_modules) for n, spec in found.items()}  # its first reader
+    return {n: found[n] for n in sorted(found, key=lambda n: (first[n], rank[n]))}
 
 
 def unsearched_weights(model: nn.Module, found: dict[str, LayerSpec]) -> dict[str, int]:

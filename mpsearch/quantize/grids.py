@@ -54,12 +54,14 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weights, in ``dtype``; ``out``: a tensor of the weight's shape to write them into (no new memory
         when the record is symmetric, dense, and per channel or in whole groups)."""
+        rows = self.codes.shape[0]
+        g = self.group_size or self.codes.shape[1]
+        if self.zero_points is None and self.mask is None and self.codes.shape[1] % g == 0 and \
+                (out is None or out.is_contiguous()):  # one pass, into memory of the weight's own
+            out = torch.empty(self.shape, dtype=dtype) if out is None else out
+            torch.mul(self.codes.reshape(rows, -1, g), self.scales.reshape(rows, -1, 1), out=out.view(rows, -1, g))
+            return out
         if out is not None:
-            rows = self.codes.shape[0]
-            g = self.group_size or self.codes.shape[1]
-            if self.zero_points is None and self.mask is None and self.codes.shape[1] % g == 0:
-                torch.mul(self.codes.reshape(rows, -1, g), self.scales.reshape(rows, -1, 1), out=out.view(rows, -1, g))
-                return out
             out.copy_(self.dequantize(dtype).reshape(out.shape))
             return out
         q = self.codes.float()
