@@ -124,7 +124,6 @@ def _gptq_act_order(w: torch.Tensor, bits: int, cfg: QuantizerConfig, h: torch.T
     the most columns remain to absorb their error), with "static groups": every group's scale is fitted on the
     unquantized weights first, so a group's columns may come in any order. Dense weights only."""
     with torch.no_grad():
-        shape, out = tuple(w.shape), w.shape[0]
         W, H = _damped(w, h, damp)
         inner = W.shape[1]
         group = cfg.group_size if cfg.granularity == "per-group" else inner
@@ -145,7 +144,7 @@ def _gptq_act_order(w: torch.Tensor, bits: int, cfg: QuantizerConfig, h: torch.T
             e = (wc - dequant_rows(q, s_c, z_c)) / hinv[j, j]
             Wp[:, j:] -= e @ hinv[j:j + 1, j:]
         codes = codes[:, torch.argsort(perm)]
-        return QuantizedWeight(bits, shape, codes.to(torch.int32), scales.float().contiguous(),
+        return QuantizedWeight(bits, tuple(w.shape), codes.to(torch.int32), scales.float().contiguous(),
                                None if zps is None else zps.to(torch.int32), cfg.group_size
                                if cfg.granularity == "per-group" else None, None)
 
