@@ -36,7 +36,7 @@ from .errors import MPSearchError, TaskError
 from .metrics import Metric, get_metric
 from .model.blocks import ReusePlan, find_blocks, output_bytes, tensor_versions
 from .model.walk import model_fingerprint
-from .model.weights import from_rows, get_weight, takes_inputs, to_rows
+from .model.weights import from_rows, get_weight, macs_rule, takes_inputs, to_rows
 from .quantize import PreparedCache, QuantizedWeight, default_cache_dir, mse, quantize, sqnr_db
 from .quantize.inputs import input_moments
 from .tasks.task import Task
@@ -292,23 +292,21 @@ class Evaluator:
             return float(self.metric(outputs, self._targets[split]))
 
     def _count_macs(self) -> dict[str, int]:
-        """Multiply-accumulates per sample of each Linear/Conv layer, from one calibration batch."""
+        """Multiply-accumulates per sample spent on each searched weight, from one calibration batch
+        (``model.weights.macs_rule``: Linear, Conv, transposed Conv, Conv1D, recurrent and attention weights)."""
         counts: dict[str, int] = {}
         hooks = []
-        named = dict(self.model.named_modules())
-        for name in self.space.layers:
-            mod = named.get(name)
-            if isinstance(mod, torch.nn.Linear):
-                per_out = mod.in_features
-            elif isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-                per_out = (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
-            else:
-                continue
+        named = dict(self.model.named_modules(remove_duplicate=False))
+        for name, spec in self.space.layers.items():
+            for m in spec.hook_modules:
+                rule = macs_rule(spec, named[m])
+                if rule is None:
+                    continue
 
-            def hook(m, inp, out, name=name, per_out=per_out):
-                counts[name] = counts.get(name, 0) + out.numel() * per_out
+                def hook(mod, args, kwargs, out, name=name, rule=rule):
+                    counts[name] = counts.get(name, 0) + int(rule(args, kwargs, out))
 
-            hooks.append(mod.register_forward_hook(hook))
+                hooks.append(named[m].register_forward_hook(hook, with_kwargs=True))
         try:
             x = self.calibration[0][0]
             with torch.inference_mode():

@@ -278,6 +278,36 @@ def test_semi_structured_sparsity_runs_along_the_rows_of_transposed_weights():
         assert e.error is None and e.metric < 1.0
 
 
+def test_multiply_accumulates_of_every_kind_by_hand():
+    """BOPs (bits x activation bits x MACs) count each weight's multiply-accumulates per sample."""
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose1d(4, 6, 3)  # (batch, 4, 5) -> (batch, 6, 7)
+            self.gru = nn.GRU(6, 8, batch_first=True)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.c1d = Conv1D(3, 8)
+
+        def forward(self, x):
+            h = self.up(x).transpose(1, 2)[:, :5]  # (batch, 5, 6)
+            h, _ = self.gru(h)  # (batch, 5, 8)
+            h = self.attn(h, h[:, :3], h[:, :3])[0]  # 5 queries, 3 keys and values
+            return self.c1d(h.contiguous())  # (batch, 5, 3)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5)
+    task = Task(model=Small().eval(), calibration=[(x, None)], validation=[(x, None)], metric="cosine")
+    space = _space(task, choices=[4, 8])
+    with Evaluator(task, space, cache_dir=None) as ev:
+        macs = ev.sizes.macs
+    assert macs["up"] == 4 * 5 * (6 * 3)  # every input value meets out x kernel weights
+    assert macs["gru.weight_ih_l0"] == 24 * 6 * 5 and macs["gru.weight_hh_l0"] == 24 * 8 * 5  # per time step
+    assert macs["attn.in_proj_weight"] == 8 * 8 * (5 + 3 + 3)  # q over 5 tokens, k and v over 3
+    assert macs["attn.out_proj"] == 8 * 8 * 5
+    assert macs["c1d"] == 5 * 3 * 8
+
+
 def test_conv1d_scales_match_a_transposed_linear():
     torch.manual_seed(0)
     conv = Conv1D(12, 16)

@@ -117,3 +117,39 @@ def to_rows(w: torch.Tensor, axis: int) -> torch.Tensor:
 def from_rows(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t if axis == 0 else t.movedim(0, axis).contiguous()
 
+
+
+def macs_rule(spec, module: nn.Module):
+    """``fn(args, kwargs, output) -> int``: the multiply-accumulates a forward of ``module`` (where ``spec``'s
+    weight is swapped in) spends on that weight; None where it spends none (an Embedding looks rows up) or
+    the kind is unknown (``params:``)."""
+    inner = 1
+    for d in spec.rows_shape[1:]:
+        inner *= d
+    numel = inner * spec.rows_shape[0]
+    first = lambda out: out[0] if isinstance(out, (tuple, list)) else out  # noqa: E731
+
+    def tokens(t: torch.Tensor) -> int:  # rows of a (..., features) tensor
+        return t.numel() // max(t.shape[-1], 1)
+
+    here = module_kind(module) or ""  # a tied weight may be an Embedding's here and a Linear's there
+    if here.startswith("ConvTranspose"):  # weight (in, out/groups, k...): each input value meets out/groups x k
+        fan_out = numel // spec.shape[0]
+        return lambda args, kwargs, out: args[0].numel() * fan_out
+    if here == "Embedding":
+        return None
+    if here in INPUT_KINDS or spec.kind in INPUT_KINDS:  # Linear, Conv, Conv1D; out_proj inside its attention
+        return lambda args, kwargs, out: first(out).numel() * inner
+    if spec.kind in ("RNN", "GRU", "LSTM"):
+        return lambda args, kwargs, out: numel * tokens(first(out)) if isinstance(first(out), torch.Tensor) else 0
+    if spec.kind == "MultiheadAttention":
+        attr = spec.name.rpartition(".")[2]
+        which = {"q_proj_weight": (0,), "k_proj_weight": (1,), "v_proj_weight": (2,), "in_proj_weight": (0, 1, 2)}[attr]
+        names = ("query", "key", "value")
+
+        def attention(args, kwargs, out):
+            inputs = [args[i] if i < len(args) else kwargs[names[i]] for i in which]
+            return numel // len(which) * sum(tokens(t) for t in inputs)
+
+        return attention
+    return None
