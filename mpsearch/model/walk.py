@@ -16,8 +16,7 @@ from torch import nn
 from ..core.qconfig import DATA_METHODS, METHODS, SEMI_STRUCTURED, QuantizerConfig, Setting, is_integer_bits
 from ..core.sizes import layer_bytes
 from ..core.space import DEFAULT_BITS, Decision, LayerSpec, SearchSpace, check_bits
-from ..errors import SpaceError
-from ..errors import MPSearchWarning
+from ..errors import MPSearchWarning, SpaceError
 from ..schemas import SpaceSpec, parse
 from .weights import KINDS, get_weight, module_weights, param_axis, takes_inputs
 
@@ -90,8 +89,9 @@ def build_space(
 
     Each layer's choices are its bit-widths times ``methods`` times ``sparsity`` levels, ordered from
     the smallest to the largest (equal sizes: cheaper method first). Methods that need a layer's
-    inputs (gptq, gradient) are not offered beside others on an Embedding, where they reduce to
-    rounding; 2:4 sparsity only where rows are a multiple of 4 long."""
+    inputs (gptq, gradient) are offered beside others only where the inputs are captured (``takes_inputs``:
+    Linear, Conv, Conv1D); elsewhere they reduce to the clipping search. 2:4 sparsity only where the
+    output-channel rows are a multiple of 4 long."""
     if isinstance(quantizer, QuantizerConfig):
         quantizer = quantizer.to_dict()
     raw = {"choices": list(choices) if isinstance(choices, (list, tuple)) else choices, "include": include,
