@@ -116,11 +116,16 @@ def build_parser() -> Parser:
     e.add_argument("--out", required=True)
     e.add_argument("--model", help="task the plan was made for (default: the plan's model name)")
     e.add_argument("--text", help="calibration text file of an hf:DIR model (as given to search)")
+    e.add_argument("--gguf", help="gguf: the model's float32 GGUF (llama.cpp's convert_hf_to_gguf.py --outtype f32)")
 
     v = sub.add_parser("verify", help="apply a plan and measure size and validation quality", epilog=EXAMPLES["verify"])
     v.add_argument("plan")
     v.add_argument("--model", help="task the plan was made for (default: the plan's model name)")
     v.add_argument("--text", help="calibration text file of an hf:DIR model (as given to search)")
+    v.add_argument("--runtime", default="pytorch", choices=["pytorch", "onnxruntime", "torchao", "llama-cpp"],
+                   help="where to measure: pytorch (mpsearch's own arithmetic, the default), or inside a deployment "
+                        "runtime: onnxruntime, torchao, llama-cpp (with --gguf)")
+    v.add_argument("--gguf", help="llama-cpp: the GGUF to run (written by export --format gguf)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
 
     sh = sub.add_parser("show", help="print a plan's per-layer table", epilog=EXAMPLES["show"])
@@ -335,7 +340,7 @@ def cmd_export(args) -> int:
     task = None
     if REGISTRY[args.format].needs_model:
         plan, task = _load_plan_and_task(args.plan, args.model, args.text)
-    res = export(plan, args.format, args.out, task, plan_path=args.plan)
+    res = export(plan, args.format, args.out, task, plan_path=args.plan, options={"base_gguf": args.gguf})
     _say(f"wrote {', '.join(str(p) for p in res.paths)} ({res.size_bytes:,} bytes on disk; "
          f"plan predicts {plan.predicted['size_bytes']:,} bytes)")
     for n in res.notes:
@@ -348,6 +353,10 @@ def cmd_verify(args) -> int:
     from .report import fmt_metric
 
     plan, task = _load_plan_and_task(args.plan, args.model, args.text)
+    if args.runtime != "pytorch":
+        return _verify_runtime(plan, task, args)
+    if args.gguf is not None:
+        raise MPSearchError("--gguf is for --runtime llama-cpp")
     r = verify(plan, task)
     if args.json:
         print(json.dumps(r))
@@ -360,22 +369,44 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _verify_runtime(plan, task, args) -> int:
+    from .exporters.runtimes import verify_runtime
+    from .report import fmt_metric
+
+    r = verify_runtime(plan, task, args.runtime, args.gguf)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    _say(f"{r['model']}: plan run in {r['runtime']} on the validation split ({r['runtime_s']:.1f} s)")
+    _say(f"  {'':<12}{'measured':>14}{'predicted':>14}")
+    if r["size_bytes"] is not None:
+        _say(f"  {'size bytes':<12}{r['size_bytes']:>14,}{r['predicted_size_bytes']:>14,}")
+        _say(f"  {'avg bits':<12}{r['avg_bits']:>14.4f}{r['predicted_avg_bits']:>14.4f}")
+    _say(f"  {r['metric_name']:<12}{fmt_metric(r['metric']):>14}{fmt_metric(r['predicted_metric']):>14}")
+    diff = r["difference"]
+    _say(f"  measured - predicted {r['metric_name']}: {'n/a' if diff is None else f'{diff:+.2e}'}; full precision "
+         f"{fmt_metric(r['reference_metric'])}")
+    return 0
+
+
 def cmd_show(args) -> int:
     from .plan import QuantizationPlan, layer_table
     from .report import fmt_metric
 
     plan = QuantizationPlan.load(args.plan)
     p = plan.predicted
+    ggml = plan.quantizer.get("format") == "ggml"
     _say(f"plan for {plan.model.get('name')} ({plan.model.get('fingerprint', '')[:19]}…), quantizer "
-         f"{plan.quantizer.get('scheme')} {plan.quantizer.get('granularity')}")
+         + ("ggml (llama.cpp's GGML types)" if ggml else
+            f"{plan.quantizer.get('scheme', 'symmetric')} {plan.quantizer.get('granularity', 'per-channel')}"))
     _say(f"predicted: {p['size_bytes']:,} bytes, {fmt_metric(p.get('avg_bits'), 3)} avg bits, "
          f"{p['metric_name']} {fmt_metric(p['metric'])}"
          + (f" (validation {fmt_metric(p['validation_metric'])})" if "validation_metric" in p else ""))
     rows = layer_table(plan)
     w = max([len(r["layer"]) for r in rows] + [5])
-    _say(f"{'layer':<{w}}  {'kind':<9}{'params':>12}{'bits':>6}{'bytes':>12}{'share':>8}")
+    _say(f"{'layer':<{w}}  {'kind':<9}{'params':>12}{'type' if ggml else 'bits':>8}{'bytes':>12}{'share':>8}")
     for r in rows:
-        _say(f"{r['layer']:<{w}}  {r['kind']:<9}{r['params']:>12,}{r['bits']:>6}{r['bytes']:>12,}"
+        _say(f"{r['layer']:<{w}}  {r['kind']:<9}{r['params']:>12,}{r['setting'] if ggml else r['bits']:>8}{r['bytes']:>12,}"
              f"{r['bytes'] / max(p['size_bytes'], 1):>8.1%}")
     _say(f"{len(plan.unquantized)} tensors left unquantized")
     return 0

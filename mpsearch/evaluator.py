@@ -392,7 +392,7 @@ class Evaluator:
         spare = self._spare.pop((original.shape, original.dtype), None) if axis == 0 else None
         w = stored.dequantize(original.dtype, out=spare)
         self.recycled += spare is not None
-        if isinstance(stored, QuantizedWeight):
+        if not isinstance(stored, HalfWeight):  # integer and GGML records hold the output channels first
             w = from_rows(w, axis)
         w = w.to(self.device)
         self.weights.put(key, w)

@@ -70,6 +70,8 @@ class QuantizationPlan:
                 continue
             entry = {"bits": x.bits, "method": x.method if x.quantized else "float16", "sparsity": x.sparsity,
                      "grid": space.quantizer.grid, "kind": spec.kind, "shape": list(spec.shape), "n_params": spec.n_params}
+            if space.quantizer.format == "ggml":  # the GGML type (the method) is the whole storage layout
+                del entry["grid"], entry["sparsity"]
             if space.quantizer.granularity == "per-group" and x.quantized:
                 entry["group_size"] = space.quantizer.group_size
             if spec.aliases:
@@ -283,6 +285,7 @@ def layer_table(plan: QuantizationPlan) -> list[dict]:
         spec = plan.layer_spec(name)
         x = plan.setting(name)
         rows.append({"layer": name, "kind": e.get("kind", ""), "params": spec.n_params, "bits": e["bits"],
+                     "setting": x.label(),
                      "method": e.get("method", ""), "sparsity": e.get("sparsity", 0.0),
                      "bytes": layer_bytes(spec, x, plan.quantizer_config(name)), "sensitivity": e.get("sensitivity")})
     return rows
@@ -297,7 +300,9 @@ def pinned_space(plan: QuantizationPlan, model: nn.Module) -> SearchSpace:
     params = {re.escape(n): plan.layer_spec(n).axis for n, e in plan.layers.items() if e.get("kind") == "param"}
     with warnings.catch_warnings():  # weights the plan leaves out were reported when it was searched
         warnings.simplefilter("ignore", MPSearchWarning)
-        return build_space(model, choices=sorted({int(e["bits"]) for e in plan.layers.values()}) or [8],
+        choices = ([plan.setting(n).label() for n in names] if cfg.format == "ggml"
+                   else sorted({int(e["bits"]) for e in plan.layers.values()}) or [8])
+        return build_space(model, choices=choices or None,
                            include=[re.escape(n) for n in names], pin=pins, quantizer=cfg, params=params or None,
                            model_name=plan.model.get("name", "model"))
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .core.qconfig import GGML_BITS
 from .errors import MPSearchError
 
 Bits = int  # 1-16 or 32, checked by the space builder with a message of its own
@@ -25,6 +26,8 @@ class _Strict(BaseModel):
 
 
 Method = Literal["rtn", "mse-clip", "gradient", "gptq"]
+GGMLType = Literal["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]
+Choice = int | str  # bits; in a ggml space a GGML type (q4_k, f16, f32), checked by the space builder
 
 
 class QuantizerSpec(_Strict):
@@ -37,6 +40,8 @@ class QuantizerSpec(_Strict):
     zero_point_bits: int = Field(default=8, ge=1, le=16)
     grid: Literal["full", "narrow"] = "full"
     act_order: bool = Field(default=False, description="gptq: also try columns by decreasing input energy")
+    format: Literal["integer", "ggml"] = Field(
+        default="integer", description="integer: the grids above; ggml: every layer takes one of llama.cpp's GGML types")
 
 
 class SpaceQuantizerSpec(QuantizerSpec):
@@ -64,7 +69,7 @@ class SpaceSpec(_Strict):
     """A search-space file; ``search_spaces/default.yaml`` documents every key."""
 
     description: str | None = None
-    choices: list[Bits] = Field(default=[2, 3, 4, 5, 6, 8], min_length=1)
+    choices: list[Choice] = Field(default=[2, 3, 4, 5, 6, 8], min_length=1)
     include: list[str] | None = None
     exclude: list[str] | None = None
     types: list[Literal["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
@@ -72,10 +77,10 @@ class SpaceSpec(_Strict):
         Field(default=None, min_length=1)
     params: list[str] | dict[str, int | None] | None = Field(
         default=None, description="regexes of parameter names searched as weights; {regex: output-channel axis}")
-    pin: dict[str, Bits | str] | None = None
+    pin: dict[str, Choice] | None = None
     tie: list[str | list[str]] | None = None
     limits: dict[str, LimitSpec] | None = None
-    layer_choices: dict[str, list[Bits]] | None = None
+    layer_choices: dict[str, list[Choice]] | None = None
     methods: list[Method] | None = Field(default=None, min_length=1)
     sparsity: list[float | Literal["2:4"]] | None = Field(default=None, min_length=1)
     quantizer: SpaceQuantizerSpec | None = None
@@ -93,7 +98,7 @@ class PlanLayer(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     bits: int = Field(ge=1, le=16)
-    method: Method | Literal["float16"] = "rtn"
+    method: Method | GGMLType | Literal["float16"] = "rtn"
     sparsity: float | Literal["2:4"] = 0.0
     grid: Literal["full", "narrow"] = "full"
     shape: list[int] = Field(min_length=1)
@@ -119,6 +124,9 @@ class PlanLayer(BaseModel):
             raise ValueError(f"n_params {self.n_params} is not the product of shape {self.shape}")
         if not isinstance(self.sparsity, str) and not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity {self.sparsity} is not a share in [0, 1) or \"2:4\"")
+        if self.method in GGML_BITS and (self.bits != GGML_BITS[self.method] or self.sparsity != 0.0):
+            raise ValueError(f"GGML type {self.method} is {GGML_BITS[self.method]}-bit and dense, "
+                             f"not {self.bits}-bit at sparsity {self.sparsity}")
         return self
 
 
@@ -154,6 +162,16 @@ class PlanDocument(BaseModel):
     float_layers: list[str] | None = None  # quantizable modules the plan leaves in float (v1 plans may lack it)
     predicted: Predicted
     provenance: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _format(self):
+        fmt = getattr(self.quantizer, "format", "integer")  # version 1 plans have integers only
+        ggml = fmt == "ggml"
+        for name, e in self.layers.items():
+            if e.bits < 16 and (e.method in GGML_BITS) != ggml:
+                raise ValueError(f"layer {name}: method {e.method} does not belong to quantizer format "
+                                 f"{fmt}")
+        return self
 
 
 class QuantizerSpecV1(_Strict):

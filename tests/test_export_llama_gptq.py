@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from mpsearch.core import ggml_types
 from mpsearch.errors import MPSearchError
 from mpsearch.plan import QuantizationPlan
 
@@ -81,7 +82,7 @@ def test_llama_cpp_minilm_every_tensor_one_anchored_pattern(minilm_plan, minilm_
         assert re.sub(r"\\.", "", pat) == re.sub(r"\\.", "", pat).lower(), pat
         assert not re.search(r"\\[A-Z]", pat), pat  # no \D, \S, \W: lowercasing would change their meaning
         assert not re.search(r"(?<!\\)\.", pat), pat  # every dot escaped
-        assert typ in K_TYPES.values() or typ == "f32"
+        assert typ in ggml_types.GGML_TYPES
 
     # every GGUF tensor of the model: state names mapped the way convert_hf_to_gguf does
     to_gguf = name_mapper("BERT", minilm_state_names)
@@ -91,8 +92,22 @@ def test_llama_cpp_minilm_every_tensor_one_anchored_pattern(minilm_plan, minilm_
     assert gguf_names["bert.encoder.layer.5.output.dense.weight"] == "blk.5.ffn_down.weight"
     assert gguf_names["bert.encoder.layer.0.attention.self.query.bias"] == "blk.0.attn_q.bias"
 
-    planned = {gguf_names[f"{layer}.weight"]: K_TYPES[e["bits"]] for layer, e in minilm_plan.layers.items()}
-    assert len(planned) == len(minilm_plan.layers) == 39
+    # each width gets the cheapest type holding it that llama-quantize keeps for the tensor's rows (no fallback);
+    # position_embd and token_types are never quantized by llama-quantize: no rule
+    never = {"position_embd.weight", "token_types.weight"}
+    planned = {}
+    for layer, e in minilm_plan.layers.items():
+        g, ncols = gguf_names[f"{layer}.weight"], e["shape"][-1]
+        if g in never:
+            continue
+        cheapest = min((t for t in ggml_types.GGML_TYPES if t not in ("f32", "f16") and
+                        int(t[1]) >= e["bits"] and ncols % ggml_types.BLOCK_SIZE[t] == 0),
+                       key=lambda t: (ggml_types.BITS_PER_WEIGHT[t], not t.endswith("_k")), default="f16")
+        planned[g] = "f16" if e["bits"] == 16 else cheapest
+        assert ggml_types.effective_type(planned[g], ncols) == planned[g]
+        if ncols == 384:
+            assert not planned[g].endswith("_k"), g  # a K-quant would fall back on 384-wide rows
+    assert len(minilm_plan.layers) == 39 and len(planned) == 37
     for g in gguf_names.values():
         typ, n = _first_match(tokens, g)
         if g in planned:
@@ -102,7 +117,8 @@ def test_llama_cpp_minilm_every_tensor_one_anchored_pattern(minilm_plan, minilm_
     assert len(tokens) == len(planned)
     assert _first_match(tokens, "blk.0.attn_q.bias")[1] == 0
     assert _first_match(tokens, "blk.10.attn_q.weight")[1] == 0  # blk.1 must not match blk.10
-    assert res.details["architecture"] == "bert"
+    assert res.details["architecture"] == "bert" and res.details["base_type"].startswith("Q")
+    assert any("never quantizes position_embd.weight, token_types.weight" in n for n in res.notes)
 
 
 @pytest.mark.export
@@ -122,6 +138,8 @@ def test_llama_cpp_odd_bits_and_unmappable_layer(minilm_plan, tmp_path):
     from mpsearch.exporters.llama_cpp import ggml_type, to_llama_cpp
 
     assert [ggml_type(b) for b in (1, 7, 9, 15, 16)] == ["q2_k", "q8_0", "f16", "f16", "f16"]
+    assert [ggml_type(b, 384) for b in (2, 3, 4, 5, 6)] == ["q4_0", "q4_0", "q4_0", "q5_0", "q8_0"]
+    assert [ggml_type(b, 1536) for b in (2, 3, 4, 5, 6)] == ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
     plan = _copy(minilm_plan)
     plan.layers["bert.encoder.layer.2.output.dense"]["bits"] = 7
     plan.layers["bert.encoder.layer.3.output.dense"]["bits"] = 1
@@ -129,7 +147,7 @@ def test_llama_cpp_odd_bits_and_unmappable_layer(minilm_plan, tmp_path):
     toks = _tokens((tmp_path / "odd.txt").read_text())
     assert _first_match(toks, "blk.2.ffn_down.weight") == ("q8_0", 1)
     assert _first_match(toks, "blk.3.ffn_down.weight") == ("q2_k", 1)
-    assert any("1->q2_k" in n and "7->q8_0" in n for n in res.notes)
+    assert any("1 bits -> q2_k" in n and "7 bits -> q8_0" in n for n in res.notes)
 
     plan = _copy(minilm_plan)
     plan.layers = {"bert.mystery.proj": {"bits": 4, "shape": [4, 4], "n_params": 16}, **plan.layers}

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .qconfig import FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, Setting, kept_weights, n_groups, stored_bits
+from .qconfig import (FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, Setting, ggml_tensor_bytes, kept_weights, n_groups,
+                      stored_bits)
 from .space import LayerSpec, SearchSpace
 
 MB = 1_000_000
@@ -25,6 +26,8 @@ def layer_bytes(layer: LayerSpec, setting: Setting, cfg: QuantizerConfig) -> int
     """Bytes as a runtime stores the tensor: the surviving integers packed in one bit-stream, the scales,
     the zero-points (asymmetric) and the sparsity mask each a whole number of bytes."""
     n, bits = layer.n_params, setting.bits
+    if setting.ggml:
+        return ggml_tensor_bytes(setting.method, layer.rows_shape)
     if bits >= UNQUANTIZED_BITS:
         return n * layer.element_size
     if bits == FLOAT16_BITS:
@@ -56,7 +59,8 @@ class SizeTable:
 
     ``byte_table[d][i]`` and ``bit_table[d][i]`` are integers: bytes, and every stored bit of the
     weights (integers, scales, zero-points, masks), so average bits are bits per weight as llama.cpp
-    counts them. ``nominal_table`` counts the weights at their bit-width alone (``weight_bits``). The
+    counts them. With the ggml format the average runs over every tensor of the model, biases and norms
+    at their float width included: the GGUF's bits per weight, as llama.cpp reports them. ``nominal_table`` counts the weights at their bit-width alone (``weight_bits``). The
     ``*_idx`` methods take an ``(n, decisions)`` array of choice indices and are exact.
     """
 
@@ -79,6 +83,10 @@ class SizeTable:
             self.fixed_bits += layer_bits(layer, setting, cfg)
             self.fixed_nominal += layer.n_params * _nominal(layer, setting)
             self.fixed_count += layer.n_params
+        if cfg.format == "ggml":  # GGUF bits per weight, as llama.cpp reports them: over every tensor in the file
+            self.fixed_bits += 8 * self.unquantized_bytes
+            self.fixed_nominal += 8 * self.unquantized_bytes
+            self.fixed_count += sum(space.tensors[name][0] for name in self.unquantized_tensors)
         layers = space.layers
 
         def table(fn):

@@ -1,7 +1,8 @@
 """Exporters: a plan written for a deployment tool, registered by format name.
 
-Each exporter is ``fn(plan, out, task) -> ExportResult``; ``task`` is None for
-exporters that need only the plan (``needs_model=False``).
+Each exporter is ``fn(plan, out, task, **options) -> ExportResult``; ``task`` is None for
+exporters that need only the plan (``needs_model=False``). ``formats`` are the quantizer formats
+whose plans it carries: a plan of GGML types goes to llama.cpp, integer grids everywhere else.
 """
 from __future__ import annotations
 
@@ -33,15 +34,19 @@ class Exporter:
     suffix: str
     description: str
     kinds: frozenset | None = None  # the kinds of weight it can carry (None: any)
+    formats: frozenset = frozenset({"integer"})  # plan quantizer formats it can carry
+    options: tuple = ()  # keyword options it takes (e.g. the gguf exporter's base_gguf)
 
 
 REGISTRY: dict[str, Exporter] = {}
-_MODULES = ("tables", "torchao", "onnxruntime", "llama_cpp", "gptqmodel")
+_MODULES = ("tables", "torchao", "onnxruntime", "llama_cpp", "gguf", "gptqmodel")
 
 
-def register(name: str, *, needs_model: bool, suffix: str, description: str, kinds=None):
+def register(name: str, *, needs_model: bool, suffix: str, description: str, kinds=None, formats=("integer",),
+             options=()):
     def deco(fn):
-        REGISTRY[name] = Exporter(name, fn, needs_model, suffix, description, None if kinds is None else frozenset(kinds))
+        REGISTRY[name] = Exporter(name, fn, needs_model, suffix, description, None if kinds is None else frozenset(kinds),
+                                  frozenset(formats), tuple(options))
         return fn
 
     return deco
@@ -61,8 +66,8 @@ def formats() -> list[str]:
     return sorted(REGISTRY)
 
 
-def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan_path: str | Path | None = None
-           ) -> ExportResult:
+def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan_path: str | Path | None = None,
+           options: dict | None = None) -> ExportResult:
     """Write ``plan`` for ``fmt`` at ``out`` (and, for some formats, files beside it).
 
     An existing file at ``out`` is replaced; a directory, or the plan's own file (``plan_path``),
@@ -73,6 +78,17 @@ def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan
     if fmt not in REGISTRY:
         raise MPSearchError(f"unknown export format {fmt!r}; choose one of {', '.join(sorted(REGISTRY))}")
     ex = REGISTRY[fmt]
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(options) - set(ex.options))
+    if unknown:
+        raise MPSearchError(f"{fmt} export takes no option {unknown[0]!r}"
+                            + (f" (it takes {', '.join(ex.options)})" if ex.options else ""))
+    plan_format = plan.quantizer.get("format", "integer")
+    if plan_format not in ex.formats:
+        hint = ("gguf or llama-cpp" if plan_format == "ggml"
+                else ", ".join(sorted(n for n, e in REGISTRY.items() if plan_format in e.formats)))
+        raise MPSearchError(f"{fmt} export: the plan stores {'GGML types' if plan_format == 'ggml' else 'integer grids'}, "
+                            f"which {fmt} cannot carry; export it to {hint}")
     if ex.kinds is not None:
         other = [(n, e.get("kind")) for n, e in plan.layers.items() if e.get("kind") is not None and e.get("kind") not in ex.kinds]
         if other:
@@ -91,7 +107,7 @@ def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".mpsearch-export-", dir=out.parent) as tmp:
-            res = ex.fn(plan, Path(tmp) / out.name, task)
+            res = ex.fn(plan, Path(tmp) / out.name, task, **options)
             final = [out.parent / p.name for p in res.paths]
             if plan_path is not None and any(f.resolve() == Path(plan_path).resolve() for f in final):
                 raise MPSearchError(f"the {fmt} export writes {', '.join(map(str, final))}, which would replace the plan")

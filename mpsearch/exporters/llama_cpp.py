@@ -1,18 +1,24 @@
 """llama.cpp: a ``--tensor-type-file`` for ``llama-quantize``.
 
-llama-quantize reads the file as whitespace-separated ``regex=type`` tokens, lowercases
-the regex, and tries the patterns in order with ``std::regex_search`` (unanchored)
-against GGUF tensor names such as ``blk.12.ffn_down.weight``; the first match wins.
-We emit one fully anchored, lowercase pattern per planned tensor, so the patterns are
-disjoint and order does not matter. GGUF names come from gguf-py's tensor name map,
-the same table ``convert_hf_to_gguf.py`` uses.
+What llama-quantize (the llama.cpp that llama-cpp-python 0.3.36 vendors) does with the file:
 
-Use it as::
+* it reads whitespace-separated ``regex=type`` tokens, lowercases each regex, and stops on any
+  token without ``=`` (a ``#`` comment line is "malformed");
+* for each tensor it tries the patterns in order with ``std::regex_search`` (unanchored): the first
+  match wins;
+* only tensors it would quantize anyway are touched: 2-D (or 3-D) weights whose name ends in
+  ``weight``, not norms, not ``position_embd``/``token_types``;
+* rules apply only when the base type on its command line is a quantized type (with F16 or F32
+  every rule is ignored);
+* a type whose block does not divide a tensor's rows is replaced (``tensor_type_fallback``: Q4_K ->
+  Q5_0 on MiniLM's 384-wide rows).
 
-    llama-quantize --tensor-type-file plan.txt model-f32.gguf model-mixed.gguf Q8_0
-
-The base type (``Q8_0`` above) must be a quantized type, or llama-quantize ignores the
-file; tensors the file does not name get the base type's default recipe.
+So the file holds one fully anchored pattern per tensor (they cannot shadow each other), rules only
+for tensors llama-quantize touches, types that do not fall back for that tensor, and no comments;
+the note gives a quantized base type. For a plan of GGML types (``quantizer: {format: ggml}``) the
+rules are the plan's types, and llama-quantize writes the same tensors, byte for byte, as the
+``gguf`` exporter. For a plan of integer grids each width goes to the smallest type that holds it
+and fits the rows; llama.cpp then computes its own integers, not the plan's.
 """
 from __future__ import annotations
 
@@ -20,23 +26,20 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from ..core.ggml_types import BITS_PER_WEIGHT, BLOCK_SIZE, effective_type, tensor_bytes
+from ..core.qconfig import FLOAT16_BITS, GGML_BITS
 from ..errors import MPSearchError
 from ..plan import QuantizationPlan
-from ..core.qconfig import FLOAT16_BITS
 from . import ExportResult, file_size, register, runtime_quantizes
 
-# bits -> ggml type; other widths go to the next wider type in this table
-GGML_TYPES = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0", 16: "f16"}
 UNQUANTIZED_TYPE = "f32"
-# block sizes (values per row block) and storage bits per weight, from ggml's type traits
-BLOCK = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256,
-         "q4_0": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "f16": 1, "f32": 1}
-BITS_PER_WEIGHT = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625,
-                   "q4_0": 4.5, "q5_0": 5.5, "q5_1": 6.0, "q8_0": 8.5, "f16": 16.0, "f32": 32.0}
-# llama-quantize's tensor_type_fallback() when a row is not a multiple of the type's block
-ROW_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# integer plans: the types a width may go to, cheapest first (equal bits per weight: the K-quant)
+_BY_COST = sorted(GGML_BITS, key=lambda t: (BITS_PER_WEIGHT[t], not t.endswith("_k"), t))
 # tensors llama-quantize never quantizes, whatever the file says (tensor_allows_quantization)
 NEVER_QUANTIZED = ("position_embd.weight", "token_types.weight")
+# llama-quantize's ftype argument for a file that is mostly of one type (a quantized base type)
+BASE_TYPE = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0", "q2_k": "Q2_K",
+             "q3_k": "Q3_K_M", "q4_k": "Q4_K_M", "q5_k": "Q5_K_M", "q6_k": "Q6_K"}
 
 # model name -> gguf MODEL_ARCH member; extend as tasks are added
 ARCH_BY_MODEL = {"minilm": "BERT"}
@@ -49,19 +52,15 @@ ARCH_BY_LAYER = [
 WRAPPER_PREFIXES = ("module.", "bert.", "model.", "transformer.")
 
 
-def ggml_type(bits: int) -> str:
-    """The ggml type for a plan's bit-width: the table's, or the next wider one."""
+def ggml_type(bits: int, ncols: int | None = None) -> str:
+    """For an integer plan's bit-width: the cheapest GGML type of at least that many bits whose block divides
+    the rows (``ncols``; None: any); f16 above 8 bits, f32 above 16."""
     if bits > FLOAT16_BITS:
         return UNQUANTIZED_TYPE
-    return GGML_TYPES[min(b for b in GGML_TYPES if b >= bits)]
-
-
-def effective_type(gtype: str, ncols: int | None) -> str:
-    """What llama-quantize stores for ``gtype`` given the row length (ne[0], the last torch dim)."""
-    if not ncols or ncols % BLOCK[gtype] == 0:
-        return gtype
-    fb = ROW_FALLBACK.get(gtype, "f16")
-    return fb if ncols % BLOCK[fb] == 0 else "f16"
+    for t in _BY_COST:
+        if GGML_BITS[t] >= bits and (not ncols or ncols % BLOCK_SIZE[t] == 0):
+            return t
+    return "f16"
 
 
 def detect_arch(plan: QuantizationPlan) -> str | None:
@@ -117,7 +116,13 @@ def pattern(gguf_name: str) -> str:
 
 
 def tensor_types(plan: QuantizationPlan) -> list[dict]:
-    """One row per planned tensor: layer, GGUF name, bits, ggml type, effective type, pattern."""
+    """One row per tensor llama-quantize will be told about: layer, GGUF name, bits, ggml type, its bytes.
+
+    A plan's layer that llama-quantize never quantizes gets no row (``skipped`` in ``tensor_types_skipped``)."""
+    return _rows(plan)[0]
+
+
+def _rows(plan: QuantizationPlan) -> tuple[list[dict], list[str]]:
     arch = detect_arch(plan)
     names = list(plan.layers) + list(plan.unquantized)
     if arch is None:
@@ -126,61 +131,73 @@ def tensor_types(plan: QuantizationPlan) -> list[dict]:
             f"llama-cpp export: model {plan.model.get('name')!r} is not an architecture gguf-py can name "
             f"(known: {', '.join(sorted(ARCH_BY_MODEL))}); first layer that could not be mapped: {first!r}")
     to_gguf = name_mapper(arch, names)
-    rows = []
+    ggml = plan.quantizer.get("format") == "ggml"
+    rows, skipped = [], []
     for layer, entry in plan.layers.items():
-        g = to_gguf(f"{layer}.weight")
+        g = to_gguf(plan.layer_spec(layer).weight_name)
         if g is None:
             raise MPSearchError(f"llama-cpp export: gguf-py has no {arch.lower()} tensor name for layer {layer!r} "
                                 f"(the first layer that could not be mapped)")
-        bits = int(entry["bits"])
-        gtype = ggml_type(bits)
-        shape = entry.get("shape") or []
-        ncols = int(shape[-1]) if shape else None
-        rows.append({"layer": layer, "gguf": g, "bits": bits, "type": gtype,
-                     "effective": effective_type(gtype, ncols), "n_params": int(entry.get("n_params", 0))})
-    for tensor in plan.unquantized:
-        if not tensor.endswith(".weight"):
+        if not _would_quantize(g):
+            skipped.append(g)
             continue
+        x = plan.setting(layer)
+        shape = plan.layer_spec(layer).rows_shape
+        ncols = shape[-1] if len(shape) == 2 else None
+        gtype = x.method if x.ggml else ("f16" if x.bits == FLOAT16_BITS else ggml_type(x.bits, ncols))
+        if ggml and ncols is not None and effective_type(gtype, ncols) != gtype:
+            raise MPSearchError(f"llama-cpp export: layer {layer!r} is {gtype}, which llama-quantize would store as "
+                                f"{effective_type(gtype, ncols)} (rows of {ncols})")
+        rows.append({"layer": layer, "gguf": g, "bits": int(entry["bits"]), "type": gtype,
+                     "n_params": int(entry.get("n_params", 0)),
+                     "bytes": tensor_bytes(gtype, shape[0], ncols) if ncols else None})
+    # weights the plan leaves in float32 (v1 plans do not list them: every unquantized ".weight")
+    loose = ([f"{n}.weight" for n in plan.float_layers] if plan.float_layers is not None
+             else [t for t in plan.unquantized if t.endswith(".weight")])
+    for tensor in loose:
         g = to_gguf(tensor)
-        if g is None or not _would_quantize(g):
+        layer = tensor[:-len(".weight")]
+        if g is None or not _would_quantize(g) or layer in plan.layers:
             continue  # norms, biases and tensors llama-quantize leaves alone need no pattern
-        rows.append({"layer": tensor[:-len(".weight")], "gguf": g, "bits": 32, "type": UNQUANTIZED_TYPE,
-                     "effective": UNQUANTIZED_TYPE, "n_params": 0})
+        rows.append({"layer": layer, "gguf": g, "bits": 32, "type": UNQUANTIZED_TYPE, "n_params": 0, "bytes": None})
     seen = Counter(r["gguf"] for r in rows)
     dup = [g for g, c in seen.items() if c > 1]
     if dup:
         raise MPSearchError(f"llama-cpp export: several layers map to the GGUF tensor {dup[0]!r}")
-    return rows
+    return rows, skipped
 
 
-@register("llama-cpp", needs_model=False, suffix=".txt",
-          description="llama.cpp: --tensor-type-file for llama-quantize (regex=type per tensor)",
+@register("llama-cpp", needs_model=False, suffix=".txt", formats=("integer", "ggml"),
+          description="llama.cpp: --tensor-type-file for llama-quantize (one anchored regex=type per tensor)",
           kinds=("Linear", "Conv1D", "Embedding"))
 def to_llama_cpp(plan: QuantizationPlan, out: Path, task=None) -> ExportResult:
-    requant = runtime_quantizes(plan, "llama-cpp")
-    rows = tensor_types(plan)
+    ggml = plan.quantizer.get("format") == "ggml"
+    requant = [] if ggml else runtime_quantizes(plan, "llama-cpp")
+    rows, skipped = _rows(plan)
     out.write_text("".join(f"{pattern(r['gguf'])}={r['type']}\n" for r in rows))
-    notes = [f"run: llama-quantize --tensor-type-file {out.name} IN.gguf OUT.gguf Q8_0 "
-             "(the base type must be quantized or the file is ignored; unnamed tensors get its default recipe)", *requant]
-    odd = sorted({r["bits"] for r in rows if r["bits"] not in GGML_TYPES and r["bits"] <= FLOAT16_BITS})
-    if odd:
-        notes.append("no ggml type for " + ", ".join(f"{b} bits" for b in odd)
-                     + ": written as the next wider type (" + ", ".join(f"{b}->{ggml_type(b)}" for b in odd) + ")")
-    fallback = [r for r in rows if r["effective"] != r["type"]]
-    if fallback:
-        pairs = sorted({f"{r['type']}->{r['effective']}" for r in fallback})
-        notes.append(f"{len(fallback)} tensor(s) have rows that are not a multiple of the type's block (256 for k-quants): "
-                     f"llama-quantize will store them as {', '.join(pairs)}")
-    never = [r["gguf"] for r in rows if r["gguf"] in NEVER_QUANTIZED]
-    if never:
-        notes.append(f"llama-quantize never quantizes {', '.join(never)}: they keep the converted type (f16/f32)")
-    eff_bytes = sum(r["n_params"] * BITS_PER_WEIGHT[r["effective"]] / 8 for r in rows
-                    if r["gguf"] not in NEVER_QUANTIZED)
+    counts = Counter(r["type"] for r in rows if r["type"] in BASE_TYPE)
+    base = BASE_TYPE[max(counts, key=lambda t: (counts[t], t))] if counts else "Q8_0"
+    notes = [f"run: llama-quantize --tensor-type-file {out.name} MODEL-F32.gguf OUT.gguf {base} (the base type must be "
+             "quantized, or llama-quantize ignores the file)"]
+    if ggml:
+        notes.append("the types are the plan's GGML types; llama-quantize computes the same blocks the search scored "
+                     "(export --format gguf writes that file directly)")
+    else:
+        notes += requant
+        notes.append("integer grids have no GGML equivalent: each width goes to the cheapest GGML type that holds it "
+                     "and fits the tensor's rows, quantized by llama.cpp's own arithmetic; for an exact match search "
+                     "with quantizer: {format: ggml} and export --format gguf")
+        wider = sorted({(r["bits"], r["type"]) for r in rows if r["bits"] < FLOAT16_BITS and GGML_BITS.get(r["type"]) != r["bits"]})
+        if wider:
+            notes.append("stored wider than planned: " + ", ".join(f"{b} bits -> {t}" for b, t in wider))
+    if skipped:
+        notes.append(f"llama-quantize never quantizes {', '.join(skipped)}: no rule is written, they keep the "
+                     "converted type")
     details = {
         "architecture": detect_arch(plan).lower(),
-        "tensors": {r["gguf"]: {"layer": r["layer"], "bits": r["bits"], "type": r["type"], "effective": r["effective"]}
-                    for r in rows},
+        "base_type": base,
+        "tensors": {r["gguf"]: {"layer": r["layer"], "bits": r["bits"], "type": r["type"]} for r in rows},
         "types": dict(Counter(r["type"] for r in rows)),
-        "estimated_quantized_bytes": int(round(eff_bytes)),
+        "quantized_bytes": sum(r["bytes"] for r in rows if r["bytes"] is not None),
     }
     return ExportResult("llama-cpp", [out], file_size([out]), notes, details)

@@ -11,18 +11,19 @@ from . import ExportResult, file_size, register
 
 
 def plan_frame(plan: QuantizationPlan) -> pd.DataFrame:
-    df = pd.DataFrame(layer_table(plan), columns=["layer", "kind", "params", "bits", "bytes", "sensitivity"])
+    df = pd.DataFrame(layer_table(plan), columns=["layer", "kind", "params", "bits", "setting", "bytes", "sensitivity"])
     df["share_of_size"] = df["bytes"] / max(int(plan.predicted["size_bytes"]), 1)
     return df
 
 
-@register("csv", needs_model=False, suffix=".csv", description="per-layer table, CSV")
+@register("csv", needs_model=False, suffix=".csv", description="per-layer table, CSV", formats=("integer", "ggml"))
 def to_csv(plan: QuantizationPlan, out: Path, task=None) -> ExportResult:
     plan_frame(plan).to_csv(out, index=False)
     return ExportResult("csv", [out], file_size([out]))
 
 
-@register("markdown", needs_model=False, suffix=".md", description="per-layer table, Markdown")
+@register("markdown", needs_model=False, suffix=".md", description="per-layer table, Markdown",
+          formats=("integer", "ggml"))
 def to_markdown(plan: QuantizationPlan, out: Path, task=None) -> ExportResult:
     df = plan_frame(plan)
     p = plan.predicted

@@ -13,9 +13,11 @@ from typing import Sequence
 
 from torch import nn
 
-from ..core.qconfig import DATA_METHODS, METHODS, SEMI_STRUCTURED, QuantizerConfig, Setting, is_integer_bits
+from ..core.ggml_types import effective_type
+from ..core.qconfig import (DATA_METHODS, GGML_BITS, GGML_FLOATS, METHODS, SEMI_STRUCTURED, QuantizerConfig, Setting,
+                            ggml_fits, is_integer_bits)
 from ..core.sizes import layer_bytes
-from ..core.space import DEFAULT_BITS, Decision, LayerSpec, SearchSpace, check_bits
+from ..core.space import Decision, LayerSpec, SearchSpace, check_bits
 from ..errors import MPSearchWarning, SpaceError
 from ..schemas import SpaceSpec, parse
 from .weights import KINDS, get_weight, module_weights, param_axis, takes_inputs
@@ -61,7 +63,7 @@ def unique_state_tensors(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def build_space(
     model: nn.Module,
-    choices: Sequence[int] = DEFAULT_BITS,
+    choices: Sequence[int | str] | None = None,
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
@@ -99,12 +101,18 @@ def build_space(
            "layer_choices": layer_choices, "methods": methods, "sparsity": sparsity, "quantizer": quantizer,
            "blocks": blocks}
     spec = parse(SpaceSpec, {k: v for k, v in raw.items() if v is not None}, source, SpaceError)
-    base_choices = check_bits(spec.choices, "choices")
     kinds = list(spec.types or DEFAULT_KINDS)
     qspec = spec.quantizer.model_dump() if spec.quantizer else {}
     default_method = qspec.pop("method", None) or ("mse-clip" if qspec.pop("clip_search", False) else "rtn")
     qspec.pop("clip_search", None)
     quantizer = QuantizerConfig(**qspec)
+    ggml = quantizer.format == "ggml"
+    if ggml and (spec.methods or spec.sparsity):
+        raise SpaceError(f"{source}: a ggml space's choices are GGML types, which fix the arithmetic and store every "
+                         "weight: drop methods and sparsity")
+    if ggml and "choices" not in spec.model_fields_set:
+        spec.choices = [c for c in GGML_CHOICES if c != "f32"]
+    base_choices = _choice_list(spec.choices, "choices", ggml)
     method_list = list(dict.fromkeys(spec.methods or [default_method]))
     sparsity_list = list(dict.fromkeys(spec.sparsity or [0.0]))
     include, exclude, pin, tie = spec.include, spec.exclude, spec.pin, spec.tie
@@ -112,7 +120,7 @@ def build_space(
     layer_choices = spec.layer_choices
     blocks = spec.blocks
 
-    found = _find_weights(model, kinds, spec.params, base_choices)
+    found = _find_weights(model, kinds, spec.params, () if ggml else base_choices)
     if not found:
         raise SpaceError(f"the model has no quantizable weight of the types {', '.join(kinds)}")
     _warn_unsearched(model, found, source)
@@ -127,7 +135,7 @@ def build_space(
 
     per_layer = {n: base_choices for n in selected}
     for pat, ch in (layer_choices or {}).items():
-        ch = check_bits(ch, f"layer_choices[{pat}]")
+        ch = _choice_list(ch, f"layer_choices[{pat}]", ggml)
         for n in _matching([pat], selected, "layer_choices"):
             per_layer[n] = ch
     lims = dict(limits or {})
@@ -139,24 +147,26 @@ def build_space(
             if re.fullmatch(pat, n):
                 lo = lim.get("min", lo)
                 hi = lim.get("max", hi)
-        ch = tuple(b for b in per_layer[n] if (lo is None or b >= lo) and (hi is None or b <= hi))
+        ch = tuple(b for b in per_layer[n] if (lo is None or _bits(b) >= lo) and (hi is None or _bits(b) <= hi))
         if not ch:
             raise SpaceError(f"layer {n}: no bit-width left between min {lo} and max {hi}")
         per_layer[n] = ch
 
-    offered = {n: _settings(found[n], per_layer[n], method_list, sparsity_list, quantizer) for n in selected}
+    offered = {n: (_ggml_settings(found[n], per_layer[n], quantizer) if ggml else
+                   _settings(found[n], per_layer[n], method_list, sparsity_list, quantizer)) for n in selected}
     styles = {(x.method, x.sparsity) for sets in offered.values() for x in sets if x.quantized}
     method = next(iter(styles))[0] if len(styles) == 1 else default_method
     pin_settings: dict[str, Setting] = {}
     for pat, value in (pin or {}).items():
         try:
-            pin_settings[pat] = (Setting.from_label(value) if isinstance(value, str)
+            pin_settings[pat] = (_choice_list([value], f"pin[{pat}]", True)[0] if ggml
+                                 else Setting.from_label(value) if isinstance(value, str)
                                  else Setting(check_bits([value], f"pin[{pat}]")[0], method))
         except ValueError as exc:
             raise SpaceError(f"pin[{pat}]: {exc}") from None
     styles |= {(x.method, x.sparsity) for x in pin_settings.values() if x.quantized}
     # one method and no pruning anywhere: choices are plain bit-widths; else setting labels ("4/gptq/50%")
-    bits_only = len(styles) <= 1 and not any(sp for _, sp in styles)
+    bits_only = len(styles) <= 1 and not any(sp for _, sp in styles) and not ggml
     settings: dict = {}
 
     def label(x: Setting):
@@ -167,6 +177,10 @@ def build_space(
     pinned: dict[str, int | str] = {}
     for pat, x in pin_settings.items():
         for n in _matching([pat], selected, "pin"):
+            if x.ggml and not ggml_fits(x.method, found[n].rows_shape):
+                raise SpaceError(f"pin[{pat}]: layer {n}'s rows of {math.prod(found[n].rows_shape[1:])} weights are not "
+                                 f"a multiple of {x.method}'s block: llama.cpp would store "
+                                 f"{effective_type(x.method, math.prod(found[n].rows_shape[1:]))}")
             pinned[n] = label(x)
 
     groups = _tie_groups(tie or [], selected)
@@ -232,12 +246,51 @@ def _settings(layer: LayerSpec, bits: Sequence[int], methods: list[str], sparsit
                                                           str(x.sparsity))))
 
 
+# the choices a ggml space may name; when its file names none, all but f32 (every GGML type mpsearch computes, f16)
+GGML_CHOICES = (*sorted(GGML_BITS, key=lambda t: (GGML_BITS[t], t)), *GGML_FLOATS)
+
+
+def _bits(choice) -> int:
+    return choice.bits if isinstance(choice, Setting) else choice
+
+
+def _choice_list(values, where: str, ggml: bool) -> tuple:
+    """Bit-widths (integer format), or the GGML types' settings (ggml format), checked, smallest first."""
+    if not ggml:
+        if any(isinstance(v, str) for v in values):
+            bad = next(v for v in values if isinstance(v, str))
+            hint = " (GGML types need quantizer: {format: ggml})" if bad.lower() in GGML_CHOICES else ""
+            raise SpaceError(f"{where}: {bad!r} is not a bit-width{hint}")
+        return check_bits(values, where)
+    out = []
+    for v in values:
+        name = v.lower() if isinstance(v, str) else v
+        if name not in GGML_CHOICES and name not in ("float16", "float32"):
+            raise SpaceError(f"{where}: {v!r} is not a GGML type this space can search; choose from "
+                             f"{', '.join(GGML_CHOICES)}")
+        out.append(Setting.from_label(name))
+    return tuple(sorted(dict.fromkeys(out), key=lambda x: (x.bits, x.method)))
+
+
+def _ggml_settings(layer: LayerSpec, settings: Sequence[Setting], cfg: QuantizerConfig) -> tuple[Setting, ...]:
+    """The GGML types a layer is offered, smallest first: only those llama.cpp stores as asked for its rows
+    (a K-quant on rows that are not a multiple of 256 would become another type)."""
+    fits = [x for x in settings if not x.ggml or ggml_fits(x.method, layer.rows_shape)]
+    if not fits:
+        inner = math.prod(layer.rows_shape[1:])
+        raise SpaceError(f"layer {layer.name}: its rows of {inner} weights fit none of the GGML types offered "
+                         f"({', '.join(x.label() for x in settings)}); add f16 or exclude the layer")
+    return tuple(sorted(fits, key=lambda x: (layer_bytes(layer, x, cfg), x.method)))
+
+
 def space_from_spec(spec: dict, model: nn.Module, model_name: str = "model", source: str = "search space") -> SearchSpace:
     """A space from a parsed space file (a mapping of the keys ``search_spaces/default.yaml`` documents)."""
     if not isinstance(spec, dict):
         raise SpaceError(f"{source}: a search space must be a mapping of keys, got {type(spec).__name__}")
     checked = parse(SpaceSpec, spec, source, SpaceError)
     kw = checked.model_dump(exclude_none=True, exclude={"description"})
+    if "choices" not in checked.model_fields_set:  # the default depends on the quantizer's format
+        del kw["choices"]
     return build_space(model, model_name=model_name, source=source, **kw)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.qconfig import DATA_METHODS, FLOAT16_BITS, UNQUANTIZED_BITS, QuantizerConfig, Setting
+from .gguf_weight import GGMLWeight
 from .grids import QuantizedWeight
 from .methods import quantize_setting
 
@@ -73,10 +74,13 @@ class PreparedCache:
 
 
 def prepare(w: torch.Tensor, setting: Setting, cfg: QuantizerConfig, hessian: torch.Tensor | None = None,
-            groups: int = 1, cache: PreparedCache | None = None) -> QuantizedWeight:
-    """The ``QuantizedWeight`` of ``w`` at an integer ``setting``; costly methods go through ``cache``."""
+            groups: int = 1, cache: PreparedCache | None = None) -> QuantizedWeight | GGMLWeight:
+    """The ``QuantizedWeight`` of ``w`` at an integer ``setting`` (a ``GGMLWeight`` at a GGML type); costly
+    methods go through ``cache``."""
     if setting.bits >= FLOAT16_BITS or setting.bits >= UNQUANTIZED_BITS:
         raise ValueError(f"prepare() quantizes to integers; {setting.bits} bits is a float width")
+    if setting.ggml:
+        return GGMLWeight.quantize(w, setting.method)
     costly = setting.method in DATA_METHODS and hessian is not None and cache is not None
     key = cache.key(w, setting, cfg, hessian) if costly else None
     if key is not None:

@@ -52,14 +52,15 @@ def load_encoder():
     return SentenceEncoder(bert.eval()).eval(), tokenizer
 
 
-def _batches(tokenizer, texts: list[str]) -> list:
-    """Batches of sentences of similar length, so that little of each forward is padding."""
+def _batches(tokenizer, texts: list[str]) -> tuple[list, list[str]]:
+    """Batches of sentences of similar length, so that little of each forward is padding; and the sentences
+    in batch order (runtimes that take text, such as llama.cpp, embed them in that order)."""
     texts = sorted(texts, key=lambda t: (len(tokenizer(t)["input_ids"]), t))
     out = []
     for i in range(0, len(texts), BATCH):
         enc = tokenizer(texts[i:i + BATCH], padding=True, truncation=True, max_length=128, return_tensors="pt")
         out.append(({k: v for k, v in enc.items()}, None))
-    return out
+    return out, texts
 
 
 def load_task() -> Task:
@@ -68,12 +69,15 @@ def load_task() -> Task:
     calibration = texts[0::3]
     validation = [s for i, s in enumerate(texts) if i % 3]
     torch.manual_seed(0)
+    cal_batches, cal_texts = _batches(tokenizer, calibration)
+    val_batches, val_texts = _batches(tokenizer, validation)
     return Task(
         model=model,
-        calibration=_batches(tokenizer, calibration),
-        validation=_batches(tokenizer, validation),
+        calibration=cal_batches,
+        validation=val_batches,
         metric="cosine",
         name="minilm",
         search_space=SEARCH_SPACE,
-        meta={"tokenizer": tokenizer, "n_calibration": len(calibration), "n_validation": len(validation)},
+        meta={"tokenizer": tokenizer, "n_calibration": len(calibration), "n_validation": len(validation),
+              "texts": {"calibration": cal_texts, "validation": val_texts}},
     )
