@@ -164,6 +164,25 @@ def test_llama_quantize_file_semantics(minilm_f32_gguf, tmp_path):
     assert lr.gguf_tensors(f16)["blk.0.attn_q.weight"]["type"] == "f16"  # rules ignored
 
 
+def test_size_model_predicts_llama_quantize_presets(minilm_f32_gguf, minilm_ggml_space, tmp_path):
+    """The size table, read at the types llama-quantize chose for its own Q4_K_M preset, is that file's size."""
+    from mpsearch.exporters.llama_cpp import name_mapper
+
+    space = minilm_ggml_space
+    out = tmp_path / "q4_k_m.gguf"
+    lr.llama_quantize(minilm_f32_gguf, out, "Q4_K_M")
+    tensors = lr.gguf_tensors(out)
+    to_gguf = name_mapper("BERT", list(space.tensors))
+    chosen = {n: {"f16": "float16"}.get(t, t) for n in space.layers
+              for t in [tensors[to_gguf(space.layers[n].weight_name)]["type"]]}
+    assert {"q4_k", "q5_0", "q6_k", "q8_0"} <= set(chosen.values())
+    cand = space.candidate_from_layer_choices(chosen)
+    n_bytes, _, bpw = lr.gguf_size(out)
+    sizes = SizeTable(space)
+    assert sizes.size_bytes(cand) == n_bytes
+    assert sizes.avg_bits(cand) == pytest.approx(bpw, abs=1e-9)
+
+
 # ---- llama.cpp runs the plan ----------------------------------------------------------------------
 
 def test_verify_in_llama_cpp_agrees_with_the_plan(mixed_plan, mixed_gguf, minilm_task, tmp_path):
