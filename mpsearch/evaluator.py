@@ -52,6 +52,19 @@ def _call(model: torch.nn.Module, inputs: Any):
     return model(inputs)
 
 
+def task_output(task: Task, out: Any):
+    """What the task scores of a forward's result: ``output_fn``'s pick, or the first of a tuple, on the CPU
+    (bfloat16/float16 models are scored in float32). Runtimes' outputs go through it too."""
+    if task.output_fn is not None:
+        out = task.output_fn(out)
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        return out
+    out = out.detach().cpu()
+    return out.float() if out.is_floating_point() else out
+
+
 def _to(x: Any, device: torch.device):
     if isinstance(x, torch.Tensor):
         return x.to(device)
@@ -267,14 +280,7 @@ class Evaluator:
         return None if ts[0] is None else _concat(list(ts))
 
     def _output(self, out: Any):
-        if self.task.output_fn is not None:
-            out = self.task.output_fn(out)
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            return out
-        out = out.detach().cpu()
-        return out.float() if out.is_floating_point() else out  # bfloat16/float16 models are scored in float32
+        return task_output(self.task, out)
 
     def _forward(self, batches: list, split: str | None = None):
         outs = []

@@ -117,6 +117,16 @@ def test_hf_model_end_to_end_cli(llama_dir, tmp_path, capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     assert r["metric"] == pytest.approx(r["predicted_metric"], abs=1e-6)
+    for runtime in ("torchao", "onnxruntime"):  # the model's output is a ModelOutput: the task picks the logits
+        code = cli(["verify", str(plan), "--model", f"hf:{llama_dir}", "--text", str(text), "--runtime", runtime, "--json"])
+        captured = capsys.readouterr()
+        assert code == 0, (runtime, captured.err)
+        r = json.loads(captured.out.strip().splitlines()[-1])
+        assert r["runtime"] == runtime and abs(r["difference"]) < 1e-3, r
+    code = cli(["export", str(plan), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--model", f"hf:{llama_dir}",
+                "--text", str(text)])
+    err = capsys.readouterr().err  # an integer plan: llama.cpp gets a --tensor-type-file, never a GGUF of other integers
+    assert code == 2 and "integer grids, which gguf cannot carry" in err and err.count("\n") == 1
 
 
 def test_hf_errors_are_one_line(tmp_path, capsys):

@@ -84,6 +84,10 @@ def test_ggml_space_files_say_what_is_wrong(minilm_task):
                     quantizer={"format": "ggml"}, types=["Linear"])
     with pytest.raises(SpaceError, match="fit none of the GGML types"):
         build_space(model, choices=["q6_k"], quantizer={"format": "ggml"}, types=["Linear"])
+    with pytest.raises(SpaceError, match="'q4_0' is a GGML type, which needs quantizer"):
+        build_space(model, choices=[4, 8], pin={r"bert\.encoder\.layer\.0\.attention\.self\.query": "q4_0"})
+    with pytest.raises(SpaceError, match="quantizer.scheme does not apply to format ggml"):
+        build_space(model, choices=["q4_0"], quantizer={"format": "ggml", "scheme": "asymmetric"})
 
 
 def test_ggml_sizes_are_gguf_bytes_and_bpw(minilm_ggml_space):
@@ -142,6 +146,25 @@ def test_tensor_type_file_through_llama_quantize_gives_the_same_file(mixed_plan,
         assert np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)), name
         types.add(a[name].tensor_type.name.lower())
     assert len(types & KQUANTS) >= 3 and {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "f32"} <= types
+
+
+@pytest.mark.filterwarnings("ignore::mpsearch.errors.MPSearchWarning")  # the embeddings left out on purpose
+def test_tensor_type_file_keeps_unsearched_weights_float(minilm_task, minilm_f32_gguf, tmp_path):
+    """A weight the space does not search stays float32 in llama-quantize's file too (its own rule), so both
+    routes still give the same tensors."""
+    space = build_space(minilm_task.model, choices=["q4_0", "q8_0"], quantizer={"format": "ggml"}, types=["Linear"],
+                        model_name="minilm")
+    with Evaluator(minilm_task, space, cache_dir=None) as ev:
+        plan = QuantizationPlan.from_candidate(ev, space.uniform("q4_0"), metric=0.0)
+    txt = tmp_path / "types.txt"
+    res = export(plan, "llama-cpp", txt)
+    assert res.details["tensors"]["token_embd.weight"]["type"] == "f32"
+    assert "position_embd" not in txt.read_text()
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    export(plan, "gguf", ours, minilm_task, options={"base_gguf": minilm_f32_gguf})
+    lr.llama_quantize(minilm_f32_gguf, theirs, res.details["base_type"], tensor_type_file=txt)
+    a, b = lr.gguf_tensors(ours), lr.gguf_tensors(theirs)
+    assert a == b and a["token_embd.weight"]["type"] == "f32" and lr.gguf_size(ours)[0] == plan.predicted["size_bytes"]
 
 
 def test_llama_quantize_file_semantics(minilm_f32_gguf, tmp_path):

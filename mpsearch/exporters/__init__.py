@@ -39,6 +39,7 @@ class Exporter:
 
 
 REGISTRY: dict[str, Exporter] = {}
+OPTION_FLAGS = {"base_gguf": "--gguf"}  # exporter options as the command line spells them
 _MODULES = ("tables", "torchao", "onnxruntime", "llama_cpp", "gguf", "gptqmodel")
 
 
@@ -81,8 +82,9 @@ def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan
     options = {k: v for k, v in (options or {}).items() if v is not None}
     unknown = sorted(set(options) - set(ex.options))
     if unknown:
-        raise MPSearchError(f"{fmt} export takes no option {unknown[0]!r}"
-                            + (f" (it takes {', '.join(ex.options)})" if ex.options else ""))
+        flag = lambda o: OPTION_FLAGS.get(o, repr(o))  # noqa: E731
+        raise MPSearchError(f"{fmt} export takes no {flag(unknown[0])}"
+                            + (f" (it takes {', '.join(map(flag, ex.options))})" if ex.options else ""))
     plan_format = plan.quantizer.get("format", "integer")
     if plan_format not in ex.formats:
         hint = ("gguf or llama-cpp" if plan_format == "ggml"

@@ -55,6 +55,9 @@ def planned_tensors(plan: QuantizationPlan, reader) -> dict[str, str]:
     arch = detect_arch(plan)
     if arch is None:
         raise MPSearchError(f"gguf export: model {plan.model.get('name')!r} is not an architecture gguf-py can name")
+    if arch != "BERT":  # llama.cpp's converter reorders LLaMA's q/k rows (rope), which this writer does not yet
+        raise MPSearchError(f"gguf export: {arch.lower()} models are not supported yet (BERT encoders such as minilm "
+                            "are); export a --tensor-type-file with --format llama-cpp instead")
     to_gguf = name_mapper(arch, list(plan.layers) + list(plan.unquantized))
     present = {t.name for t in reader.tensors}
     out: dict[str, str] = {}

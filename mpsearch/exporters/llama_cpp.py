@@ -138,10 +138,13 @@ def _rows(plan: QuantizationPlan) -> tuple[list[dict], list[str]]:
         if g is None:
             raise MPSearchError(f"llama-cpp export: gguf-py has no {arch.lower()} tensor name for layer {layer!r} "
                                 f"(the first layer that could not be mapped)")
+        x = plan.setting(layer)
         if not _would_quantize(g):
+            if ggml and x.quantized:
+                raise MPSearchError(f"llama-cpp export: llama.cpp keeps {g} in float; the plan quantizes it (layer "
+                                    f"{layer!r}): exclude it from the space, as search_spaces/minilm_ggml.yaml does")
             skipped.append(g)
             continue
-        x = plan.setting(layer)
         shape = plan.layer_spec(layer).rows_shape
         ncols = shape[-1] if len(shape) == 2 else None
         gtype = x.method if x.ggml else ("f16" if x.bits == FLOAT16_BITS else ggml_type(x.bits, ncols))
@@ -151,15 +154,15 @@ def _rows(plan: QuantizationPlan) -> tuple[list[dict], list[str]]:
         rows.append({"layer": layer, "gguf": g, "bits": int(entry["bits"]), "type": gtype,
                      "n_params": int(entry.get("n_params", 0)),
                      "bytes": tensor_bytes(gtype, shape[0], ncols) if ncols else None})
-    # weights the plan leaves in float32 (v1 plans do not list them: every unquantized ".weight")
-    loose = ([f"{n}.weight" for n in plan.float_layers] if plan.float_layers is not None
-             else [t for t in plan.unquantized if t.endswith(".weight")])
+    # weights the plan leaves in float32: every unquantized ".weight" and every quantizable layer it left in float
+    loose = dict.fromkeys([t for t in plan.unquantized if t.endswith(".weight")]
+                          + [f"{n}.weight" for n in (plan.float_layers or [])])
     for tensor in loose:
         g = to_gguf(tensor)
-        layer = tensor[:-len(".weight")]
-        if g is None or not _would_quantize(g) or layer in plan.layers:
+        if g is None or not _would_quantize(g) or tensor[:-len(".weight")] in plan.layers:
             continue  # norms, biases and tensors llama-quantize leaves alone need no pattern
-        rows.append({"layer": layer, "gguf": g, "bits": 32, "type": UNQUANTIZED_TYPE, "n_params": 0, "bytes": None})
+        rows.append({"layer": tensor[:-len(".weight")], "gguf": g, "bits": 32, "type": UNQUANTIZED_TYPE,
+                     "n_params": 0, "bytes": None})
     seen = Counter(r["gguf"] for r in rows)
     dup = [g for g, c in seen.items() if c > 1]
     if dup:

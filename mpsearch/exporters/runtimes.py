@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MPSearchError
-from ..evaluator import _call
+from ..evaluator import Evaluator, _call, _concat, task_output
 from ..metrics import get_metric
 from ..plan import QuantizationPlan
 from . import REGISTRY, _load_all
@@ -28,14 +28,10 @@ from . import REGISTRY, _load_all
 RUNTIMES = ("onnxruntime", "torchao", "llama-cpp")
 
 
-def _outputs(model: torch.nn.Module, batches: list) -> torch.Tensor:
+def _outputs(task, model: torch.nn.Module, batches: list):
+    """The model's outputs over ``batches``, as the evaluator takes them (``task_output``)."""
     with torch.no_grad():
-        return torch.cat([_call(model, x).detach().float().cpu() for x, _ in batches], dim=0)
-
-
-def _targets(batches: list):
-    ts = [t for _, t in batches]
-    return None if any(t is None for t in ts) else torch.cat([torch.as_tensor(t) for t in ts], dim=0)
+        return _concat([task_output(task, _call(model, x)) for x, _ in batches])
 
 
 def _check_exportable(plan: QuantizationPlan, fmt: str) -> None:
@@ -87,14 +83,14 @@ def _onnxruntime(plan: QuantizationPlan, task) -> tuple[torch.Tensor, dict]:
         sess = session(path)
         out = run_onnx(sess, task.validation)
         del sess
-    return out.float(), {"size_bytes": None}
+    return out.float(), {"size_bytes": None}  # the graph's one output is the model's first: the task's already
 
 
 def _torchao(plan: QuantizationPlan, task) -> tuple[torch.Tensor, dict]:
     from .torchao import quantize_with_torchao
 
     model = quantize_with_torchao(plan, copy.deepcopy(task.model).eval(), qparams="torchao")
-    return _outputs(model, task.validation), {"size_bytes": None}
+    return _outputs(task, model, task.validation), {"size_bytes": None}
 
 
 def verify_runtime(plan: QuantizationPlan, task, runtime: str, gguf: str | Path | None = None) -> dict:
@@ -107,7 +103,7 @@ def verify_runtime(plan: QuantizationPlan, task, runtime: str, gguf: str | Path 
             raise MPSearchError("--gguf is for --runtime llama-cpp")
     plan.check_model(task.model)
     task.model.eval()
-    reference = _outputs(task.model, task.validation)
+    reference = _outputs(task, task.model, task.validation)
     t0 = time.perf_counter()
     if runtime == "llama-cpp":
         out, extra = _llama_cpp(plan, task, gguf)
@@ -117,10 +113,10 @@ def verify_runtime(plan: QuantizationPlan, task, runtime: str, gguf: str | Path 
         out, extra = _torchao(plan, task)
     run_s = time.perf_counter() - t0
     metric = get_metric(task.metric, task.has_targets)
-    targets = _targets(task.validation) if metric.uses_targets else reference
-    if out.shape != reference.shape:
-        raise MPSearchError(f"{runtime} returned outputs of shape {list(out.shape)}, the model "
-                            f"{list(reference.shape)}")
+    targets = Evaluator._targets_of(task.validation) if metric.uses_targets else reference
+    if getattr(out, "shape", None) != getattr(reference, "shape", None):
+        raise MPSearchError(f"{runtime} returned outputs of shape {list(getattr(out, 'shape', []))}, the model "
+                            f"{list(getattr(reference, 'shape', []))}")
     measured = float(metric(out, targets))
     pred = plan.predicted
     predicted = pred.get("validation_metric", pred.get("metric"))

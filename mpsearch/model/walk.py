@@ -107,6 +107,10 @@ def build_space(
     qspec.pop("clip_search", None)
     quantizer = QuantizerConfig(**qspec)
     ggml = quantizer.format == "ggml"
+    integer_only = sorted((spec.quantizer.model_fields_set if spec.quantizer else set()) - {"format"})
+    if ggml and integer_only:
+        raise SpaceError(f"{source}: quantizer.{integer_only[0]} does not apply to format ggml: a GGML type fixes its "
+                         "own blocks, scales and rounding")
     if ggml and (spec.methods or spec.sparsity):
         raise SpaceError(f"{source}: a ggml space's choices are GGML types, which fix the arithmetic and store every "
                          "weight: drop methods and sparsity")
@@ -162,6 +166,8 @@ def build_space(
             pin_settings[pat] = (_choice_list([value], f"pin[{pat}]", True)[0] if ggml
                                  else Setting.from_label(value) if isinstance(value, str)
                                  else Setting(check_bits([value], f"pin[{pat}]")[0], method))
+            if pin_settings[pat].ggml and not ggml:
+                raise ValueError(f"{value!r} is a GGML type, which needs quantizer: {{format: ggml}}")
         except ValueError as exc:
             raise SpaceError(f"pin[{pat}]: {exc}") from None
     styles |= {(x.method, x.sparsity) for x in pin_settings.values() if x.quantized}
@@ -210,7 +216,12 @@ def build_space(
         decisions.append(Decision("+".join(g), tuple(g), tuple(c for c in layers[g[0]].choices if c in common)))
     order = {n: i for i, n in enumerate(names)}
     decisions.sort(key=lambda d: order[d.layers[0]])
-    if quantizer.scheme == "asymmetric":
+    if ggml:
+        wide = [n for n in selected if found[n].element_size != 4]
+        if wide:
+            raise SpaceError(f"{source}: a ggml space needs a float32 model (its GGUF is converted in float32, and the "
+                             f"tensors left in float count at 4 bytes); {wide[0]} is not float32")
+    if quantizer.scheme == "asymmetric" and not ggml:
         widest = max((x.bits for x in settings.values() if x.quantized), default=0)
         if widest > quantizer.zero_point_bits:
             raise SpaceError(f"{source}: quantizer.zero_point_bits {quantizer.zero_point_bits} cannot hold the "
@@ -291,6 +302,8 @@ def space_from_spec(spec: dict, model: nn.Module, model_name: str = "model", sou
     kw = checked.model_dump(exclude_none=True, exclude={"description"})
     if "choices" not in checked.model_fields_set:  # the default depends on the quantizer's format
         del kw["choices"]
+    if checked.quantizer is not None:  # only what the file says: a ggml quantizer refuses integer-only keys
+        kw["quantizer"] = checked.quantizer.model_dump(exclude_unset=True)
     return build_space(model, model_name=model_name, source=source, **kw)
 
 

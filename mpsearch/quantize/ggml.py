@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.ggml_types import (  # noqa: F401  (re-exported: the public names of this module)
-    _FALLBACK, BITS_PER_WEIGHT, BLOCK_BYTES, BLOCK_SIZE, GGML_TYPE_ID, GGML_TYPES, effective_type,
+    BITS_PER_WEIGHT, BLOCK_BYTES, BLOCK_SIZE, GGML_TYPE_ID, GGML_TYPES, effective_type,
     normalize_type, tensor_bytes,
 )
 
@@ -607,7 +607,7 @@ def quantize_rows(w, gtype: str) -> bytes:
     n_rows, n_cols = a.shape
     if n_cols % BLOCK_SIZE[t]:
         raise ValueError(f"{t}: row length {n_cols} is not a multiple of its block size {BLOCK_SIZE[t]}; "
-                         f"llama-quantize would use {effective_type(t, n_cols) if t in _FALLBACK else 'nothing (it fails)'}")
+                         f"llama-quantize would store {effective_type(t, n_cols)}")
     if t == "f32":
         return a.astype("<f4").tobytes()
     if t == "f16":
