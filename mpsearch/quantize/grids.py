@@ -154,11 +154,15 @@ def round_to_grid(rows: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | No
         return torch.where(rows >= 0, 1.0, -1.0)
     if cfg.scheme == "symmetric" and cfg.grid == "full":
         # torchao takes the reciprocal of the float16 scale; a row whose scale underflowed to 0 gets +-inf
-        # codes clamped to the ends, and 0 x inf = NaN becomes code 0, as its int8 conversion does
+        # codes clamped to the ends, and 0 x inf = NaN becomes code 0, as its int8 conversion does.
+        # One new tensor, rewritten in place: a miss of a large layer is a handful of passes over it.
         inv = (1.0 / scale.to(torch.float16)).to(rows.dtype)
-        return torch.nan_to_num(torch.clamp(torch.round(rows * inv), lo, hi), nan=0.0)
-    q = torch.round(rows / scale)
-    return torch.clamp(q + zp if zp is not None else q, lo, hi)
+        q = torch.mul(rows, inv).round_().clamp_(lo, hi)
+        return torch.nan_to_num(q, nan=0.0, out=q)
+    q = torch.div(rows, scale).round_()
+    if zp is not None:
+        q += zp
+    return q.clamp_(lo, hi)
 
 
 def dequant_rows(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
