@@ -79,7 +79,7 @@ def synthetic_task(size: str, dtype: torch.dtype) -> Task:
     return Task(model, cal, val, metric="cosine", name=f"stack-{size}-{str(dtype).split('.')[-1]}")
 
 
-def one_size(size: str, dtype_name: str, evals: int) -> dict:
+def one_size(size: str, dtype_name: str, evals: int, greedy_evals: int | None = None) -> dict:
     dtype = getattr(torch, dtype_name)
     task = synthetic_task(size, dtype)
     model_bytes = sum(t.numel() * t.element_size() for t in task.model.state_dict().values())
@@ -94,8 +94,9 @@ def one_size(size: str, dtype_name: str, evals: int) -> dict:
     row = {"size": size, "dtype": dtype_name, "params": params, "model_mb": round(model_bytes / 2**20, 1),
            "decisions": len(space.decisions), "forward_s": round(statistics.median(fwd), 3)}
     for strategy, budget in (("random", None), ("greedy", Budget(max_avg_bits=4.0))):
+        n = evals if strategy == "random" or greedy_evals is None else greedy_evals
         with Timer() as t:
-            res = optimize(task, evaluator=ev, strategy=strategy, max_evals=evals, budget=budget, seed=0)
+            res = optimize(task, evaluator=ev, strategy=strategy, max_evals=n, budget=budget, seed=0)
         walls = [e.wall_s for e in res.search.trials if not e.cached]
         row[f"{strategy}_evals"] = len(walls)
         row[f"{strategy}_eval_s"] = round(statistics.mean(walls), 3)
@@ -151,6 +152,7 @@ def main() -> None:
     p.add_argument("--sizes", default="0.1B,0.4B,1.2B")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--evals", type=int, default=100, help="evaluations per search on the synthetic stacks")
+    p.add_argument("--greedy-evals", type=int, help="evaluations of the greedy search there (default: --evals)")
     p.add_argument("--minilm-evals", type=int, default=300)
     p.add_argument("--minilm-strategies", default="greedy,bayes,pso,random")
     p.add_argument("--one", help=argparse.SUPPRESS)  # SIZE:DTYPE, run in a child process
@@ -162,7 +164,7 @@ def main() -> None:
         return
     if a.one:
         size, dtype = a.one.split(":")
-        print("ROW " + json.dumps(one_size(size, dtype, a.evals)), flush=True)
+        print("ROW " + json.dumps(one_size(size, dtype, a.evals, a.greedy_evals)), flush=True)
         return
     path = OUT / "scale.json"
     out = json.loads(path.read_text()) if path.exists() else {"synthetic": [], "minilm": [], "wall_s": {}}
@@ -170,8 +172,9 @@ def main() -> None:
         if a.part in ("all", "synthetic"):
             for size in [s for s in a.sizes.split(",") if s]:
                 for dtype in [d for d in a.dtypes.split(",") if d]:
+                    extra = [] if a.greedy_evals is None else ["--greedy-evals", str(a.greedy_evals)]
                     proc = subprocess.run([sys.executable, __file__, "--one", f"{size}:{dtype}", "--evals",
-                                           str(a.evals)], capture_output=True, text=True)
+                                           str(a.evals), *extra], capture_output=True, text=True)
                     line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
                     row = json.loads(line[4:]) if line else {
                         "size": size, "dtype": dtype, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
