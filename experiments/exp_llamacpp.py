@@ -26,7 +26,7 @@ from common import RESULTS, ROOT, Timer, run, setup, write_json, write_table
 from mpsearch.core import Budget
 from mpsearch.exporters import export
 from mpsearch.exporters.llama_runtime import convert_hf, embeddings, gguf_size, gguf_tensors, llama_quantize
-from mpsearch.exporters.gguf import planned_tensors, read_base
+from mpsearch.exporters.gguf import planned_tensors
 
 OUT = RESULTS / "llamacpp"
 WORK = ROOT / "runs" / "llamacpp"
@@ -74,7 +74,7 @@ def main(max_evals: int) -> None:
     from mpsearch.plan import QuantizationPlan
 
     probe = QuantizationPlan.from_candidate(ev, space.highest(), metric=0.0)
-    names = planned_tensors(probe, read_base(f32))
+    names = planned_tensors(probe, gguf_tensors(f32))
 
     def search_and_measure(budget: Budget, tag: str) -> dict:
         with Timer() as ts:

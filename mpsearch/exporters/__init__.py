@@ -85,12 +85,7 @@ def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan
         flag = lambda o: OPTION_FLAGS.get(o, repr(o))  # noqa: E731
         raise MPSearchError(f"{fmt} export takes no {flag(unknown[0])}"
                             + (f" (it takes {', '.join(map(flag, ex.options))})" if ex.options else ""))
-    plan_format = plan.quantizer.get("format", "integer")
-    if plan_format not in ex.formats:
-        hint = ("gguf or llama-cpp" if plan_format == "ggml"
-                else ", ".join(sorted(n for n, e in REGISTRY.items() if plan_format in e.formats)))
-        raise MPSearchError(f"{fmt} export: the plan stores {'GGML types' if plan_format == 'ggml' else 'integer grids'}, "
-                            f"which {fmt} cannot carry; export it to {hint}")
+    check_format(plan, fmt)
     if ex.kinds is not None:
         other = [(n, e.get("kind")) for n, e in plan.layers.items() if e.get("kind") is not None and e.get("kind") not in ex.kinds]
         if other:
@@ -121,6 +116,16 @@ def export(plan: QuantizationPlan, fmt: str, out: str | Path, task=None, *, plan
         raise MPSearchError(f"cannot write {out}: {exc.strerror or exc}") from None
     res.paths = final
     return res
+
+
+def check_format(plan: QuantizationPlan, fmt: str) -> None:
+    """Refuse a plan whose quantizer format (integer grids, GGML types) ``fmt`` cannot carry, naming those that can."""
+    _load_all()
+    plan_format = plan.quantizer.get("format", "integer")
+    if plan_format not in REGISTRY[fmt].formats:
+        hint = ", ".join(sorted(n for n, e in REGISTRY.items() if plan_format in e.formats and n not in ("csv", "markdown")))
+        raise MPSearchError(f"{fmt}: the plan stores {'GGML types' if plan_format == 'ggml' else 'integer grids'}, "
+                            f"which {fmt} cannot carry; use {hint}")
 
 
 def sparse_layers(plan: QuantizationPlan) -> list[str]:

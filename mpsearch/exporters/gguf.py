@@ -50,8 +50,9 @@ def read_base(path: str | Path):
         raise MPSearchError(f"{p} is not a readable GGUF file: {exc}") from None
 
 
-def planned_tensors(plan: QuantizationPlan, reader) -> dict[str, str]:
-    """``{GGUF tensor name: plan layer}`` for every planned layer, checked against the base's tensors."""
+def planned_tensors(plan: QuantizationPlan, present) -> dict[str, str]:
+    """``{GGUF tensor name: plan layer}`` for every planned layer, checked against ``present``, the names of a
+    GGUF's tensors."""
     arch = detect_arch(plan)
     if arch is None:
         raise MPSearchError(f"gguf export: model {plan.model.get('name')!r} is not an architecture gguf-py can name")
@@ -59,7 +60,7 @@ def planned_tensors(plan: QuantizationPlan, reader) -> dict[str, str]:
         raise MPSearchError(f"gguf export: {arch.lower()} models are not supported yet (BERT encoders such as minilm "
                             "are); export a --tensor-type-file with --format llama-cpp instead")
     to_gguf = name_mapper(arch, list(plan.layers) + list(plan.unquantized))
-    present = {t.name for t in reader.tensors}
+    present = set(present)
     out: dict[str, str] = {}
     for layer in plan.layers:
         g = to_gguf(plan.layer_spec(layer).weight_name)
@@ -91,7 +92,7 @@ def write_gguf(plan: QuantizationPlan, task, base: str | Path, out: str | Path) 
     """Write the plan's GGUF at ``out`` from ``base``; returns what it wrote (types, tensor bytes, bpw)."""
     gguf = _gguf()
     reader = read_base(base)
-    names = planned_tensors(plan, reader)
+    names = planned_tensors(plan, [t.name for t in reader.tensors])
     weights = plan_weights(plan, task)
     arch_field = reader.fields.get("general.architecture")
     if arch_field is None:

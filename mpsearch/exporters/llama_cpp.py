@@ -117,8 +117,7 @@ def pattern(gguf_name: str) -> str:
 
 def tensor_types(plan: QuantizationPlan) -> list[dict]:
     """One row per tensor llama-quantize will be told about: layer, GGUF name, bits, ggml type, its bytes.
-
-    A plan's layer that llama-quantize never quantizes gets no row (``skipped`` in ``tensor_types_skipped``)."""
+    A plan's layer that llama-quantize never quantizes gets no row."""
     return _rows(plan)[0]
 
 

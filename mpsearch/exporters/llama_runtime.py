@@ -458,9 +458,11 @@ def gguf_tensors(path) -> dict[str, dict]:
     return out
 
 
-def gguf_size(path) -> tuple[int, int, float]:
-    """(tensor bytes, elements, bits per weight = 8 * bytes / elements), as llama.cpp reports BPW."""
-    tensors = gguf_tensors(path).values()
+def gguf_size(path_or_tensors) -> tuple[int, int, float]:
+    """(tensor bytes, elements, bits per weight = 8 * bytes / elements), as llama.cpp reports BPW, of a GGUF
+    file or of what ``gguf_tensors`` read from one."""
+    found = path_or_tensors if isinstance(path_or_tensors, dict) else gguf_tensors(path_or_tensors)
+    tensors = found.values()
     n_bytes = sum(t["n_bytes"] for t in tensors)
     n_el = sum(t["n_elements"] for t in tensors)
     return n_bytes, n_el, (8.0 * n_bytes / n_el if n_el else 0.0)

@@ -23,7 +23,7 @@ from ..errors import MPSearchError
 from ..evaluator import Evaluator, _call, _concat, task_output
 from ..metrics import get_metric
 from ..plan import QuantizationPlan
-from . import REGISTRY, _load_all
+from . import check_format
 
 RUNTIMES = ("onnxruntime", "torchao", "llama-cpp")
 
@@ -32,15 +32,6 @@ def _outputs(task, model: torch.nn.Module, batches: list):
     """The model's outputs over ``batches``, as the evaluator takes them (``task_output``)."""
     with torch.no_grad():
         return _concat([task_output(task, _call(model, x)) for x, _ in batches])
-
-
-def _check_exportable(plan: QuantizationPlan, fmt: str) -> None:
-    _load_all()
-    if plan.quantizer.get("format", "integer") not in REGISTRY[fmt].formats:
-        raise MPSearchError(f"--runtime {fmt}: the plan stores "
-                            f"{'GGML types' if plan.quantizer.get('format') == 'ggml' else 'integer grids'}, "
-                            f"which {fmt} does not run; use --runtime "
-                            + ("llama-cpp" if plan.quantizer.get("format") == "ggml" else "onnxruntime or torchao"))
 
 
 def _llama_cpp(plan: QuantizationPlan, task, gguf: str | Path | None) -> tuple[torch.Tensor, dict]:
@@ -55,16 +46,16 @@ def _llama_cpp(plan: QuantizationPlan, task, gguf: str | Path | None) -> tuple[t
     if plan.quantizer.get("format") != "ggml":
         raise MPSearchError("--runtime llama-cpp checks a plan of GGML types (search with quantizer: {format: ggml}, "
                             "e.g. search_spaces/minilm_ggml.yaml) exported with --format gguf")
-    from .gguf import planned_tensors, read_base
+    from .gguf import planned_tensors
 
-    names = planned_tensors(plan, read_base(gguf))
-    tensors = gguf_tensors(gguf)
+    tensors = gguf_tensors(gguf)  # reads the file once: names, types and sizes
+    names = planned_tensors(plan, tensors)
     wrong = [g for g, layer in names.items() if tensors[g]["type"] != _gguf_type(plan, layer)]
     if wrong:
         g = wrong[0]
         raise MPSearchError(f"{gguf} is not this plan's GGUF: tensor {g} is {tensors[g]['type']}, the plan says "
                             f"{_gguf_type(plan, names[g])} ({len(wrong)} tensor(s) differ)")
-    n_bytes, _, bpw = gguf_size(gguf)
+    n_bytes, _, bpw = gguf_size(tensors)
     out = torch.from_numpy(embeddings(gguf, texts, n_threads=1))
     return out, {"size_bytes": n_bytes, "avg_bits": round(bpw, 6), "gguf": str(gguf)}
 
@@ -98,7 +89,7 @@ def verify_runtime(plan: QuantizationPlan, task, runtime: str, gguf: str | Path 
     if runtime not in RUNTIMES:
         raise MPSearchError(f"unknown runtime {runtime!r}; choose one of pytorch, {', '.join(RUNTIMES)}")
     if runtime != "llama-cpp":
-        _check_exportable(plan, runtime)
+        check_format(plan, runtime)
         if gguf is not None:
             raise MPSearchError("--gguf is for --runtime llama-cpp")
     plan.check_model(task.model)
