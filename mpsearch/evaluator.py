@@ -42,6 +42,8 @@ from .quantize.inputs import input_moments
 from .tasks.task import Task
 
 MB = 1 << 20
+# block outputs used again (a parent's prefix) keep this share of their cache from one-off candidates' outputs
+ACTIVATION_PROTECTED = 0.25
 
 
 def _call(model: torch.nn.Module, inputs: Any):
@@ -126,43 +128,88 @@ _UNSHARED_STORAGE = 2
 
 
 class LRUCache:
-    """Tensors (or block outputs) by key, least recently used evicted first beyond ``cap_bytes``."""
+    """Tensors (or block outputs) by key, least recently used evicted first beyond ``cap_bytes``.
 
-    def __init__(self, cap_bytes: int, size=lambda entry: output_bytes(entry[0]), on_evict=None):
+    ``protected_share`` > 0 makes it scan-resistant (a segmented LRU): a new entry waits on probation, and
+    only one used again joins the protected segment (at most that share of the cap, its least recent sent
+    back to probation). Evictions take probation's least recent first, so a run of entries used once (a
+    search's one-off candidates) pushes out each other, not what is used over and over."""
+
+    def __init__(self, cap_bytes: int, size=lambda entry: output_bytes(entry[0]), on_evict=None,
+                 protected_share: float = 0.0):
         self.cap = int(cap_bytes)
         self.size = size
         self.on_evict = on_evict
         self.used = 0
-        self.items: OrderedDict = OrderedDict()
+        self.items: OrderedDict = OrderedDict()  # probation (all entries when nothing is protected)
+        self.protected: OrderedDict = OrderedDict()
+        self.protected_cap = int(self.cap * protected_share)
+        self.protected_used = 0
         self.hits = self.misses = self.evictions = 0
 
+    def __contains__(self, key) -> bool:
+        return key in self.items or key in self.protected
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.protected)
+
     def get(self, key):
-        v = self.items.get(key)
-        if v is None:
-            self.misses += 1
-            return None
-        self.items.move_to_end(key)
+        v = self.protected.get(key)
+        if v is not None:
+            self.protected.move_to_end(key)
+        else:
+            v = self.items.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self._promote(key)
         self.hits += 1
         return v
 
+    def _promote(self, key) -> None:
+        if not self.protected_cap:
+            self.items.move_to_end(key)
+            return
+        v = self.items.pop(key)
+        n = self.size(v)
+        if n > self.protected_cap:
+            self.items[key] = v
+            return
+        self.protected[key] = v
+        self.protected_used += n
+        while self.protected_used > self.protected_cap:  # its least recent go back to probation, as its newest
+            k, old = self.protected.popitem(last=False)
+            self.protected_used -= self.size(old)
+            self.items[k] = old
+
     def drop(self, key) -> None:
-        v = self.items.pop(key, None)
+        v = self.protected.pop(key, None)
+        if v is not None:
+            self.protected_used -= self.size(v)
+        else:
+            v = self.items.pop(key, None)
         if v is not None:
             self.used -= self.size(v)
 
     def touch(self, key) -> None:
         """Mark as just used without counting a hit (entries whose use a hit above them stood in for)."""
-        if key in self.items:
-            self.items.move_to_end(key)
+        if key in self.protected:
+            self.protected.move_to_end(key)
+        elif key in self.items:
+            self._promote(key)
 
     def put(self, key, value) -> None:
         n = self.size(value)
-        if n > self.cap or key in self.items:
+        if n > self.cap or key in self:
             return
         self.items[key] = value
         self.used += n
         while self.used > self.cap:
-            _, old = self.items.popitem(last=False)
+            if self.items:
+                _, old = self.items.popitem(last=False)
+            else:
+                _, old = self.protected.popitem(last=False)
+                self.protected_used -= self.size(old)
             self.used -= self.size(old)
             self.evictions += 1
             if self.on_evict is not None:
@@ -171,7 +218,8 @@ class LRUCache:
 
     def clear(self) -> None:
         self.items.clear()
-        self.used = 0
+        self.protected.clear()
+        self.used = self.protected_used = 0
 
 
 class HalfWeight:
@@ -261,7 +309,7 @@ class Evaluator:
             if not _usable(v):
                 raise TaskError(f"task {task.name!r}: the metric of the full-precision model on the {name} split "
                                 f"is {v}, not a number to rank by")
-        self.activations = LRUCache(int(self._activation_cache_mb * MB))
+        self.activations = LRUCache(int(self._activation_cache_mb * MB), protected_share=ACTIVATION_PROTECTED)
         self._batch: tuple | None = None  # (split, batch index) while a batch runs
         self._prefix_keys: list[tuple] = []
         self.points_run = self.points_reused = 0  # reuse points computed / answered from the cache
@@ -476,7 +524,8 @@ class Evaluator:
         if len(blocks) < 2:
             return None
         decisions = [tuple(x for n in d.layers for x in self.space.layers[n].hook_modules) for d in self.space.decisions]
-        plan = ReusePlan(self.model, blocks, decisions, lambda: self._forward(self.calibration[:1]))
+        work = {m: float(self.sizes.macs.get(n, 0)) for n, spec in self.space.layers.items() for m in spec.hook_modules}
+        plan = ReusePlan(self.model, blocks, decisions, lambda: self._forward(self.calibration[:1]), work)
         return plan if plan.points else None
 
     @contextlib.contextmanager
@@ -506,7 +555,7 @@ class Evaluator:
                     self.activations.drop(key)  # changed in place by a later module: no longer this output
                 self.points_run += 1
                 out = _orig(*args, **kwargs)
-                if self._storing and (self._shared is None or self._prefix_keys[_j] == self._shared[_j]):
+                if self._storing:
                     self.activations.put(key, (out, tensor_versions(out)))
                 return out
 

@@ -51,6 +51,48 @@ def test_minilm_scores_with_reuse_equal_full_forwards(minilm_task):
     assert memory["reuse_points"] > 6, "points inside blocks (attention, MLP) are reused too"
 
 
+def test_minilm_points_the_stem_and_only_inner_points_worth_their_memory(minilm_task):
+    """The embeddings (the stem before block 0) are a point, so a change inside the encoder does not look words
+    up again; `attention` (self-attention plus one 384x384 projection) saves too little of its block to hold memory."""
+    from mpsearch.model import space_for
+
+    space = space_for(minilm_task)
+    with Evaluator(minilm_task, space, cache_dir=None) as ev:
+        points = ev.prefix.points
+        assert points[0] == "bert.embeddings"
+        assert not any(p.endswith(".attention") for p in points)
+        assert sum(p.endswith(".attention.self") for p in points) == 6
+        lookups = []
+        emb = dict(ev.model.named_modules())["bert.embeddings.word_embeddings"]
+        h = emb.register_forward_hook(lambda *a: lookups.append(1))
+        top = space.uniform(max(space.uniform_choices()))
+        ev.evaluate(top)
+        n = len(lookups)
+        moved = list(top)
+        moved[-1] = space.decisions[-1].choices[0]  # the last decision: inside the last block
+        ev.evaluate(tuple(moved))
+        h.remove()
+        assert n == len(ev.calibration) and len(lookups) == n, "the encoder-only change looked the words up again"
+
+
+def test_lru_cache_protects_what_is_used_again_from_a_scan():
+    from mpsearch.evaluator import LRUCache
+
+    size = lambda v: v  # noqa: E731
+    for share, survives in ((0.0, False), (0.25, True)):
+        c = LRUCache(10, size=size, protected_share=share)
+        c.put("parent", 2)
+        assert c.get("parent") == 2  # used again: protected
+        for i in range(20):  # a run of one-off entries, each used once
+            c.put(i, 2)
+            assert c.used <= 10
+        assert ("parent" in c) is survives
+        if survives:
+            assert c.get("parent") == 2 and c.protected_used == 2
+            c.drop("parent")
+            assert c.used == sum(c.items.values()) and c.protected_used == 0
+
+
 def test_activation_cache_is_bounded(minilm_task):
     from mpsearch.model import space_for
 

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+MIN_INNER_SHARE = 1 / 6  # an inner reuse point must save at least this share of its block's work alone
+
 
 def find_blocks(model: nn.Module, layers: list[str], pattern: str | None = None) -> list[str]:
     """Module names of the block sequence, in order: those matching ``pattern``, or else the children of the
@@ -38,9 +40,10 @@ def find_blocks(model: nn.Module, layers: list[str], pattern: str | None = None)
 class ReusePlan:
     """Where outputs can be kept, and what each one depends on, from the order one forward pass runs modules.
 
-    Reuse points: the blocks and every module inside a block that holds a searched layer (attention,
-    MLP), so a change in a block's MLP still reuses its attention;
-    kept only where some decision starts after the point ends and before the point around it ends.
+    Reuse points: the blocks, every module inside a block that holds a searched layer (attention,
+    MLP), so a change in a block's MLP still reuses its attention, and the stem before the first block
+    (embeddings); kept only where some decision starts after the point ends and before the point around
+    it ends, and, inside a block, only where the point alone saves a real share of the block's work.
     A point's output depends on the decisions with a layer (or alias) whose first call starts before the
     point's call ends: ``keys[i]``, the decisions of point ``points[i]``'s cache key. This follows the
     order the forward really ran, so a weight tied or shared across blocks counts from its first use on,
@@ -48,14 +51,19 @@ class ReusePlan:
     ``inside[i]``: the points nested in point i. ``order``: the decisions by first call, the order in which candidates sharing prefixes are sorted.
     """
 
-    def __init__(self, model: nn.Module, blocks: list[str], decisions: list[tuple[str, ...]], run: Callable[[], None]):
+    def __init__(self, model: nn.Module, blocks: list[str], decisions: list[tuple[str, ...]], run: Callable[[], None],
+                 work: dict[str, float] | None = None):
         modules = dict(model.named_modules(remove_duplicate=False))
         searched = {n for layers in decisions for n in layers}
         # modules inside a block around a searched layer (attention, MLP); not the searched layers themselves,
         # whose outputs would cost as much memory as a sub-block's and save one matrix product
         inner = [n for n in modules if any(n.startswith(b + ".") for b in blocks)
                  and any(s.startswith(n + ".") for s in searched)]
-        watched = sorted(set(blocks) | set(inner) | (searched & set(modules)))
+        # the stem: modules outside the blocks around a searched layer, run before the first block (a
+        # transformer's embeddings), so a candidate that changes only blocks skips them too
+        stem = [n for n in modules if n and not any(n == b or n.startswith(b + ".") or b.startswith(n + ".") for b in blocks)
+                and any(s.startswith(n + ".") for s in searched)]
+        watched = sorted(set(blocks) | set(inner) | set(stem) | (searched & set(modules)))
         events: list[tuple[str, str]] = []
         nbytes: dict[str, int] = {}
         hooks = []
@@ -82,7 +90,9 @@ class ReusePlan:
         block_calls = [n for kind, n in events if kind == "start" and n in set(blocks)]
         self.usable = bool(blocks) and block_calls == blocks  # each block once, in order
         self.blocks = blocks
-        candidates = [n for n in watched if n in set(blocks) | set(inner) and calls.get(n) == 1] if self.usable else []
+        stem = [n for n in stem if calls.get(n) == 1 and blocks and end[n] < first.get(blocks[0], -1)]
+        candidates = [n for n in watched if n in set(blocks) | set(inner) | set(stem) and calls.get(n) == 1] \
+            if self.usable else []
         candidates.sort(key=lambda n: first[n])
         starts = [min((first[m] for m in layers if m in first), default=len(events)) for layers in decisions]
 
@@ -90,8 +100,8 @@ class ReusePlan:
             outer = [p for p in candidates if n.startswith(p + ".")]
             return max(outer, key=len) if outer else None
 
-        def block_of(n: str) -> str:
-            return next(b for b in blocks if n == b or n.startswith(b + "."))
+        def block_of(n: str) -> str:  # the stem's own cost is measured against the first block's
+            return next((b for b in blocks if n == b or n.startswith(b + ".")), blocks[0] if blocks else n)
 
         def useful(n: str) -> bool:
             # a point saves work only if some decision starts after it ends but before the point around it
@@ -103,6 +113,18 @@ class ReusePlan:
                 return False
             return any(end[n] < s < limit for s in starts)
 
+        def worth_its_memory(n: str) -> bool:
+            # an inner output costs as much memory as its block's; unless what it alone saves (the work of the
+            # searched modules inside it and in no point nested in it) is a real share of its block's work,
+            # the memory serves better holding more candidates' block outputs. ``work``: MACs per searched module.
+            if work is None or n in blocks or n in stem:
+                return True
+            total = sum(w for m, w in work.items() if m.startswith(block_of(n) + "."))
+            nested = [q for q in candidates if q.startswith(n + ".")]
+            alone = sum(w for m, w in work.items() if m.startswith(n + ".") and not any(m.startswith(q + ".") for q in nested))
+            return total <= 0 or alone >= MIN_INNER_SHARE * total
+
+        candidates = [n for n in candidates if worth_its_memory(n)]
         self.points = [n for n in candidates if useful(n)]
         self.keys = [tuple(d for d, s in enumerate(starts) if s < end[p]) for p in self.points]
         self.inside = [[i for i, q in enumerate(self.points) if q.startswith(p + ".")] for p in self.points]
