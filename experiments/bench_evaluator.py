@@ -10,7 +10,7 @@ falls on all three alike), the median wall time of:
   naive    an evaluator without caches: deep-copy the model, re-quantize every layer of the candidate
            with ``mpsearch.quantize.fake_quantize``, run the same forward and the same metric.
 
-    python experiments/bench_evaluator.py [--models digits,minilm] [--repeats 15] [--threads N] [--json]
+    python experiments/bench_evaluator.py [--models digits,minilm] [--repeats 15] [--threads N] [--cache-mb MB] [--json]
 
 ``ratio_vs_forward`` = eval_s / forward_s (1.0 = the evaluator adds nothing to the forward);
 ``speedup_vs_naive`` = naive_s / eval_s.
@@ -81,10 +81,10 @@ def fresh(ev: Evaluator, rng: np.random.Generator, taken: set):
     raise RuntimeError("the space ran out of unevaluated candidates")
 
 
-def bench(model_name: str, repeats: int, warmup: int = 2, seed: int = 0) -> dict:
+def bench(model_name: str, repeats: int, warmup: int = 2, seed: int = 0, cache_mb: float | None = None) -> dict:
     task = load_task(model_name)
     space = space_for(task)
-    ev = Evaluator(task, space)
+    ev = Evaluator(task, space, cache_mb=cache_mb)
     t0 = time.perf_counter()
     ev.prepare()
     warm_s = time.perf_counter() - t0
@@ -138,6 +138,7 @@ def bench(model_name: str, repeats: int, warmup: int = 2, seed: int = 0) -> dict
         "n_layers": len(space.layers),
         "warm_cache_s": warm_s,
         "torch_threads": torch.get_num_threads(),
+        "weight_cache_cap_mb": ev.memory()["weight_cache_cap_mb"],
     }
 
 
@@ -148,11 +149,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0 = torch's default); 1 steadies timings on a busy machine")
+    ap.add_argument("--cache-mb", type=float, help="the evaluator's weight cache (default: its own default)")
     ap.add_argument("--json", action="store_true", help="one JSON object per task, one per line")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    rows = [bench(m.strip(), args.repeats, seed=args.seed) for m in args.models.split(",") if m.strip()]
+    rows = [bench(m.strip(), args.repeats, seed=args.seed, cache_mb=args.cache_mb) for m in args.models.split(",") if m.strip()]
     if args.json:
         for r in rows:
             print(json.dumps(r))
