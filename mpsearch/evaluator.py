@@ -153,15 +153,20 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self.items) + len(self.protected)
 
-    def get(self, key):
+    def get(self, key, valid=None):
+        """The entry, or None; one that ``valid(entry)`` rejects is dropped and counts as a miss."""
         v = self.protected.get(key)
-        if v is not None:
+        if v is None:
+            v = self.items.get(key)
+        if v is not None and valid is not None and not valid(v):
+            self.drop(key)
+            v = None
+        if v is None:
+            self.misses += 1
+            return None
+        if key in self.protected:
             self.protected.move_to_end(key)
         else:
-            v = self.items.get(key)
-            if v is None:
-                self.misses += 1
-                return None
             self._promote(key)
         self.hits += 1
         return v
@@ -202,6 +207,10 @@ class LRUCache:
         n = self.size(value)
         if n > self.cap or key in self:
             return
+        while self.protected and n > self.cap - self.protected_used:  # room the new entry can take
+            k, old = self.protected.popitem(last=False)
+            self.protected_used -= self.size(old)
+            self.items[k] = old
         self.items[key] = value
         self.used += n
         while self.used > self.cap:
@@ -315,8 +324,6 @@ class Evaluator:
         self.points_run = self.points_reused = 0  # reuse points computed / answered from the cache
         self._keep_outputs: deque = deque(maxlen=32)  # whether each recent evaluation reused something
         self._storing = True
-        self._shared: list[tuple] | None = None  # the prefix keys the current batch shares (``prefix_order``)
-        self._batch_members: set = set()
         self._evicted = 0
         self.prefix = self._plan_prefix(blocks if blocks is not None else space.blocks)
         self._points = [named[n] for n in self.prefix.points] if self.prefix is not None else []
@@ -544,15 +551,13 @@ class Evaluator:
                 if self._batch is None or self._current is None:
                     return _orig(*args, **kwargs)
                 key = (self._batch, _j, self._prefix_keys[_j])
-                hit = self.activations.get(key)
+                # an output changed in place by a later module is no longer this output: dropped, a miss
+                hit = self.activations.get(key, valid=lambda v: tensor_versions(v[0]) == v[1])
                 if hit is not None:
-                    out, versions = hit
-                    if tensor_versions(out) == versions:
-                        self.points_reused += 1
-                        for i in self.prefix.inside[_j]:  # kept as fresh as the output that stood in for them
-                            self.activations.touch((self._batch, i, self._prefix_keys[i]))
-                        return out
-                    self.activations.drop(key)  # changed in place by a later module: no longer this output
+                    self.points_reused += 1
+                    for i in self.prefix.inside[_j]:  # kept as fresh as the output that stood in for them
+                        self.activations.touch((self._batch, i, self._prefix_keys[i]))
+                    return hit[0]
                 self.points_run += 1
                 out = _orig(*args, **kwargs)
                 if self._storing:
@@ -564,7 +569,7 @@ class Evaluator:
         try:
             yield
         finally:
-            for module, own in saved:
+            for module, own in reversed(saved):  # an aliased module gets its own forward back last
                 if own is None:
                     del module.forward
                 else:
@@ -579,10 +584,6 @@ class Evaluator:
             return list(range(len(candidates)))
         order = self.prefix.order
         common = [Counter(c[d] for c in candidates).most_common(1)[0][0] for d in range(len(candidates[0]))]
-        # while this batch runs, keep only outputs of the prefix its candidates share: what one candidate
-        # computes past its departure no other in the batch can use, and keeping it would push shared ones out
-        self._batch_members = {tuple(c) for c in candidates}
-        self._shared = [tuple(common[d] for d in k) for k in self.prefix.keys]
 
         def departs(c) -> int:
             return next((k for k, d in enumerate(order) if c[d] != common[d]), len(order))
@@ -607,8 +608,6 @@ class Evaluator:
         self._current = self.space.layer_choices(cand)
         if self.prefix is not None:
             self._prefix_keys = [tuple(cand[d] for d in k) for k in self.prefix.keys]
-            if cand not in self._batch_members:  # outside the last ordered batch: keep whatever it computes
-                self._shared, self._batch_members = None, set()
         try:
             batches = self.calibration if split == "calibration" else self.validation
             with self._reusing_prefixes():

@@ -195,3 +195,16 @@ def test_outputs_changed_in_place_after_a_block_are_not_reused_stale():
     base = list(space.uniform(8))
     cands = [tuple(base)] + [tuple(base[:d] + [2] + base[d + 1:]) for d in range(len(base))] * 2
     _compare(task, space, cands)
+
+
+def test_lru_cache_makes_room_for_a_large_entry_and_drops_stale_ones():
+    from mpsearch.evaluator import LRUCache
+
+    c = LRUCache(8, size=lambda v: v, protected_share=0.5)
+    c.put("a", 4)
+    assert c.get("a") == 4 and c.protected_used == 4
+    c.put("big", 8)  # takes the whole cap: the protected entry goes back to probation and out, not the new one
+    assert "big" in c and "a" not in c and c.used == 8 and c.protected_used == 0
+    c.put("x", 1)
+    assert c.get("x", valid=lambda v: False) is None  # rejected (changed in place): dropped, a miss
+    assert "x" not in c and c.used == 0 and c.misses == 1 and c.hits == 1

@@ -91,6 +91,7 @@ class ReusePlan:
         self.usable = bool(blocks) and block_calls == blocks  # each block once, in order
         self.blocks = blocks
         stem = [n for n in stem if calls.get(n) == 1 and blocks and end[n] < first.get(blocks[0], -1)]
+        stem = [n for n in stem if not any(n.startswith(m + ".") for m in stem)]  # the outermost: one per stage
         candidates = [n for n in watched if n in set(blocks) | set(inner) | set(stem) and calls.get(n) == 1] \
             if self.usable else []
         candidates.sort(key=lambda n: first[n])
@@ -120,7 +121,7 @@ class ReusePlan:
             if work is None or n in blocks or n in stem:
                 return True
             total = sum(w for m, w in work.items() if m.startswith(block_of(n) + "."))
-            nested = [q for q in candidates if q.startswith(n + ".")]
+            nested = [q for q in candidates if q.startswith(n + ".") and useful(q)]
             alone = sum(w for m, w in work.items() if m.startswith(n + ".") and not any(m.startswith(q + ".") for q in nested))
             return total <= 0 or alone >= MIN_INNER_SHARE * total
 
