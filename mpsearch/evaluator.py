@@ -127,6 +127,11 @@ _STORAGE_USES = getattr(torch._C, "_storage_Use_Count", None)
 _UNSHARED_STORAGE = 2
 
 
+def _unchanged(entry) -> bool:
+    """A kept (output, versions) that no later module changed in place: still this point's output."""
+    return tensor_versions(entry[0]) == entry[1]
+
+
 class LRUCache:
     """Tensors (or block outputs) by key, least recently used evicted first beyond ``cap_bytes``.
 
@@ -150,21 +155,17 @@ class LRUCache:
     def __contains__(self, key) -> bool:
         return key in self.items or key in self.protected
 
-    def __len__(self) -> int:
-        return len(self.items) + len(self.protected)
-
     def get(self, key, valid=None):
         """The entry, or None; one that ``valid(entry)`` rejects is dropped and counts as a miss."""
-        v = self.protected.get(key)
-        if v is None:
-            v = self.items.get(key)
+        protected = key in self.protected
+        v = (self.protected if protected else self.items).get(key)
         if v is not None and valid is not None and not valid(v):
             self.drop(key)
             v = None
         if v is None:
             self.misses += 1
             return None
-        if key in self.protected:
+        if protected:
             self.protected.move_to_end(key)
         else:
             self._promote(key)
@@ -182,7 +183,11 @@ class LRUCache:
             return
         self.protected[key] = v
         self.protected_used += n
-        while self.protected_used > self.protected_cap:  # its least recent go back to probation, as its newest
+        self._demote(self.protected_cap)
+
+    def _demote(self, limit: int) -> None:
+        """The protected segment's least recent back to probation, as its newest, until it holds ``limit``."""
+        while self.protected and self.protected_used > limit:
             k, old = self.protected.popitem(last=False)
             self.protected_used -= self.size(old)
             self.items[k] = old
@@ -207,18 +212,11 @@ class LRUCache:
         n = self.size(value)
         if n > self.cap or key in self:
             return
-        while self.protected and n > self.cap - self.protected_used:  # room the new entry can take
-            k, old = self.protected.popitem(last=False)
-            self.protected_used -= self.size(old)
-            self.items[k] = old
+        self._demote(self.cap - n)  # room the new entry can take: evictions then never reach it or protected
         self.items[key] = value
         self.used += n
         while self.used > self.cap:
-            if self.items:
-                _, old = self.items.popitem(last=False)
-            else:
-                _, old = self.protected.popitem(last=False)
-                self.protected_used -= self.size(old)
+            _, old = self.items.popitem(last=False)
             self.used -= self.size(old)
             self.evictions += 1
             if self.on_evict is not None:
@@ -551,8 +549,7 @@ class Evaluator:
                 if self._batch is None or self._current is None:
                     return _orig(*args, **kwargs)
                 key = (self._batch, _j, self._prefix_keys[_j])
-                # an output changed in place by a later module is no longer this output: dropped, a miss
-                hit = self.activations.get(key, valid=lambda v: tensor_versions(v[0]) == v[1])
+                hit = self.activations.get(key, valid=_unchanged)
                 if hit is not None:
                     self.points_reused += 1
                     for i in self.prefix.inside[_j]:  # kept as fresh as the output that stood in for them
