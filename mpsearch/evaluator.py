@@ -44,6 +44,9 @@ from .tasks.task import Task
 MB = 1 << 20
 # block outputs used again (a parent's prefix) keep this share of their cache from one-off candidates' outputs
 ACTIVATION_PROTECTED = 0.25
+# an embedding table whose looked-up rows are at most this share of it is dequantized only at those rows
+LOOKUP_ROWS_SHARE = 0.5
+TRIM_AFTER_BYTES = 64 * MB  # evicted weights freed before the heap is trimmed
 
 
 def _call(model: torch.nn.Module, inputs: Any):
@@ -215,7 +218,15 @@ class LRUCache:
         self._demote(self.cap - n)  # room the new entry can take: evictions then never reach it or protected
         self.items[key] = value
         self.used += n
-        while self.used > self.cap:
+        self._evict()
+
+    def resize(self, cap_bytes: int) -> None:
+        self.cap = int(cap_bytes)
+        self._demote(min(self.protected_cap, self.cap))
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.used > self.cap and self.items:
             _, old = self.items.popitem(last=False)
             self.used -= self.size(old)
             self.evictions += 1
@@ -284,12 +295,14 @@ class Evaluator:
         if cache_mb is None:
             cache_mb = max(64.0, extra - activation_cache_mb)
         self._activation_cache_mb = activation_cache_mb
-        # half for dequantized weights ready to swap in, half for the compact records they come from
-        self.weights = LRUCache(int(cache_mb * MB / 2), size=lambda t: t.numel() * t.element_size(),
+        # the compact records take at most half; dequantized weights ready to swap in, the rest
+        self._weight_budget = int(cache_mb * MB)
+        self.weights = LRUCache(self._weight_budget // 2, size=lambda t: t.numel() * t.element_size(),
                                 on_evict=self._recycle)
+        self._freed = 0  # bytes of evicted weights freed since the heap was last trimmed
         self._spare: dict[tuple, torch.Tensor] = {}  # evicted dequantized weights, one per shape, written over
         self.recycled = 0  # misses dequantized into a spare
-        self.stored = LRUCache(int(cache_mb * MB / 2), size=lambda r: r.nbytes)
+        self.stored = LRUCache(self._weight_budget // 2, size=lambda r: r.nbytes, on_evict=self._forget)
         self.prep_s = 0.0  # one-off preparation: inputs captured, weights quantized the first time
         self.requant_s = 0.0  # recomputing weights the bounded cache had evicted (part of evaluations)
         self.prep_log: dict[tuple, float] = {}
@@ -303,7 +316,21 @@ class Evaluator:
             "calibration": self._targets_of(self.calibration),
             "validation": self._targets_of(self.validation),
         }
-        self.reference_outputs = {"calibration": self._forward(self.calibration), "validation": self._forward(self.validation)}
+        # the reference forwards also find the rows each embedding table is read at; a table takes that path
+        # while its working copy and its rows at every quantized choice fit in half the weight cache, which
+        # then holds that much less
+        self._rows, self._table_bytes = {}, 0
+        for layer, idx in self._lookup_rows(named).items():
+            w = self._original[layer]
+            n = sum(self.space.setting(c).bits < UNQUANTIZED_BITS for c in self.space.layers[layer].choices)
+            need = w.numel() * w.element_size() * (1 + n * idx.numel() / w.shape[0])
+            if self._table_bytes + need <= self.weights.cap / 2:
+                self._rows[layer] = idx
+                self._table_bytes += int(need)
+        self._fit_weights()
+        # one working copy per table, with the choice whose rows it holds
+        self._tables = {layer: (self._original[layer].clone(), None) for layer in self._rows}
+        self._row_values: dict[tuple, torch.Tensor] = {}
         for split, out in self.reference_outputs.items():
             if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
                 raise TaskError(f"task {task.name!r}: the full-precision model's {split} outputs are not finite "
@@ -322,7 +349,6 @@ class Evaluator:
         self.points_run = self.points_reused = 0  # reuse points computed / answered from the cache
         self._keep_outputs: deque = deque(maxlen=32)  # whether each recent evaluation reused something
         self._storing = True
-        self._evicted = 0
         self.prefix = self._plan_prefix(blocks if blocks is not None else space.blocks)
         self._points = [named[n] for n in self.prefix.points] if self.prefix is not None else []
 
@@ -392,7 +418,8 @@ class Evaluator:
         if self._current is None:
             return
         for layer in layers:
-            self._swap(layer, self.quantized_weight(layer, self._current[layer]))
+            choice = self._current[layer]
+            self._swap(layer, self._table(layer, choice) if layer in self._rows else self.quantized_weight(layer, choice))
 
     def _swap_out(self, layers: list[str]) -> None:
         if self._current is None:
@@ -434,6 +461,15 @@ class Evaluator:
         w = self.weights.get(key)
         if w is not None:
             return w
+        w = self._dequantized(layer, choice)
+        self.weights.put(key, w)
+        return w
+
+    def _dequantized(self, layer: str, choice) -> torch.Tensor:
+        """A (layer, quantized choice)'s weight computed from its stored record, which is quantized first if
+        neither tier holds it; not cached here."""
+        key = (layer, choice)
+        setting = self.space.setting(choice)
         stored = self.stored.get(key)
         if stored is None:
             if setting.method in DATA_METHODS:
@@ -441,6 +477,7 @@ class Evaluator:
             t0 = time.perf_counter()
             stored = self._quantize(layer, setting)
             self.stored.put(key, stored)
+            self._fit_weights()
             dt = time.perf_counter() - t0
             if key in self.prep_log:
                 self.requant_s += dt
@@ -453,20 +490,86 @@ class Evaluator:
         self.recycled += spare is not None
         if not isinstance(stored, HalfWeight):  # integer and GGML records hold the output channels first
             w = from_rows(w, axis)
-        w = w.to(self.device)
-        self.weights.put(key, w)
-        return w
+        return w.to(self.device)
+
+    def _table(self, layer: str, choice) -> torch.Tensor:
+        """An embedding table for the forward at ``choice`` with only the rows the splits look up quantized: a
+        lookup reads nothing else, so the scores are those of the whole quantized table, and a candidate pays
+        for copying a few rows instead of dequantizing the table (MiniLM: 1,409 of 30,522 rows). The other rows
+        of the one working copy per table hold the full-precision weights and are never read."""
+        if self.space.setting(choice).bits >= UNQUANTIZED_BITS:
+            return self._original[layer]
+        table, current = self._tables[layer]
+        if current != choice:
+            rows = self._table_rows(layer, choice)
+            table.index_copy_(0, self._rows[layer], rows)
+            self._tables[layer] = (table, choice)
+        return table
+
+    def _table_rows(self, layer: str, choice) -> torch.Tensor:
+        """A table's looked-up rows at a quantized choice: kept for the evaluator's life (their memory is set
+        aside from the weight cache's), since a miss would dequantize the whole table."""
+        key = (layer, choice)
+        rows = self._row_values.get(key)
+        if rows is None:
+            full = self.weights.get(key)
+            rows = (full if full is not None else self._dequantized(layer, choice)).index_select(0, self._rows[layer])
+            self._row_values[key] = rows
+        return rows
+
+    def _lookup_rows(self, named: dict) -> dict[str, torch.Tensor]:
+        """The rows each searched embedding table is read at over both splits, for the tables that only their own
+        ``nn.Embedding`` reads (not tied to an output layer, not renormalized in place) and where those rows are
+        at most ``LOOKUP_ROWS_SHARE`` of the table; captured during the reference forwards."""
+        counts = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        tables = {}
+        for layer, spec in self.space.layers.items():
+            mods = [named[m] for m in spec.hook_modules]
+            if len(mods) == 1 and type(mods[0]) is torch.nn.Embedding and mods[0].max_norm is None and \
+                    counts[id(self._params[layer])] == 1 and spec.weight_name.endswith("weight"):
+                tables[layer] = mods[0]
+        seen: dict[str, list] = {layer: [] for layer in tables}
+
+        def looked_up(mod, args, kwargs, layer):
+            ids = args[0] if args else kwargs.get("input")
+            seen[layer].append(torch.unique(ids) if isinstance(ids, torch.Tensor) else None)
+
+        hooks = [m.register_forward_pre_hook(lambda mod, a, k, layer=layer: looked_up(mod, a, k, layer), with_kwargs=True)
+                 for layer, m in tables.items()]
+        try:
+            self.reference_outputs = {"calibration": self._forward(self.calibration),
+                                      "validation": self._forward(self.validation)}
+        finally:
+            for h in hooks:
+                h.remove()
+        rows = {}
+        for layer, parts in seen.items():
+            if not parts or any(p is None for p in parts):
+                continue
+            idx = torch.unique(torch.cat([p.reshape(-1).long() for p in parts]))
+            if idx.numel() <= LOOKUP_ROWS_SHARE * self._original[layer].shape[0]:
+                rows[layer] = idx.to(self.device)
+        return rows
+
+    def _fit_weights(self) -> None:
+        """Dequantized weights get what the records and the embedding tables leave of the weight budget."""
+        self.weights.resize(self._weight_budget - self._table_bytes - self.stored.used)
+
+    def _forget(self, record) -> None:
+        self._freed += record.nbytes
 
     def _recycle(self, w: torch.Tensor) -> None:
         """Keep a dequantized weight the cache let go, to write the next miss of its shape into: a random
         candidate then costs the arithmetic of dequantizing, not fresh memory (page faults, heap trims).
         Only one nobody holds: no Python reference but the eviction's, and no other tensor on its memory (a
         view, a ``state_dict()`` entry, a parameter's data after ``apply``)."""
-        if w.device.type != "cpu" or w.device != self.device or not w.is_contiguous() or _STORAGE_USES is None:
+        if w.device.type != "cpu":
             return
-        if sys.getrefcount(w) > _EVICTED_REFS or _STORAGE_USES(w.untyped_storage()._cdata) > _UNSHARED_STORAGE:
+        if w.device == self.device and w.is_contiguous() and _STORAGE_USES is not None and \
+                sys.getrefcount(w) <= _EVICTED_REFS and _STORAGE_USES(w.untyped_storage()._cdata) <= _UNSHARED_STORAGE \
+                and self._spare.setdefault((w.shape, w.dtype), w) is w:
             return
-        self._spare.setdefault((w.shape, w.dtype), w)
+        self._freed += w.numel() * w.element_size()
 
     def _quantize(self, layer: str, setting) -> "QuantizedWeight | HalfWeight":
         """A layer's stored record at an integer or float16 setting; quantized in float32 whatever the model's
@@ -492,7 +595,10 @@ class Evaluator:
 
             work = tqdm(work, desc="preparing quantized weights", unit="weight", leave=False)
         for n, c in work:
-            self.quantized_weight(n, c)
+            if n in self._rows and self.space.setting(c).bits < UNQUANTIZED_BITS:
+                self._table_rows(n, c)
+            else:
+                self.quantized_weight(n, c)
 
     def apply(self, candidate: Sequence) -> None:
         """Put all the candidate's weights in the model at once (for using the model outside ``evaluate``);
@@ -511,6 +617,7 @@ class Evaluator:
             h.remove()
         self._hooks = []
         self.weights.clear()
+        self._tables, self._rows, self._row_values = {}, {}, {}
         self._spare.clear()
         self.stored.clear()
         self.activations.clear()
@@ -617,10 +724,11 @@ class Evaluator:
         finally:
             self._current = None
             self.restore()
-        evicted = self.weights.evictions + self.stored.evictions
-        if _TRIM is not None and evicted > self._evicted:  # evicted weights leave holes; block outputs are reused
+        # evicted weights not written over leave holes in the heap (block outputs are reused); handed back once
+        # they add up, as trimming costs milliseconds
+        if _TRIM is not None and self._freed >= TRIM_AFTER_BYTES:
             _TRIM(0)
-        self._evicted = evicted
+            self._freed = 0
         self._keep_outputs.append(self.points_reused > reused0)
         prep = self.prep_s - prep0
         wall = time.perf_counter() - t0 - prep  # preparation is one-off work, reported apart
@@ -650,8 +758,8 @@ class Evaluator:
         """Peak resident memory and the two caches, for summaries and benchmarks."""
         return {"peak_rss_mb": round(peak_rss_mb(), 1), "device": str(self.device), "threads": self.threads,
                 "model_mb": round(sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) / MB, 1),
-                "weight_cache_mb": round((self.weights.used + self.stored.used) / MB, 1),
-                "weight_cache_cap_mb": round((self.weights.cap + self.stored.cap) / MB, 1),
+                "weight_cache_mb": round((self.weights.used + self.stored.used + self._table_bytes) / MB, 1),
+                "weight_cache_cap_mb": round(self._weight_budget / MB, 1),
                 "activation_cache_mb": round(self.activations.used / MB, 1),
                 "reuse_points": len(self.prefix.points) if self.prefix is not None else 0,
                 **({"peak_device_mb": round(torch.cuda.max_memory_allocated(self.device) / MB, 1)}

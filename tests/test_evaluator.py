@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import copy
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import mpsearch.evaluator as evaluator_mod
+from mpsearch.errors import MPSearchWarning
+from mpsearch.evaluator import Evaluator
+from mpsearch.model import build_space
+from mpsearch.tasks.task import Task
 from mpsearch.metrics import cosine
 from mpsearch.tasks.digits import load_model as load_digits_model
 from mpsearch.quantize import fake_quantize as quantize_weight
@@ -273,3 +280,63 @@ def test_layer_error_uses_the_cached_weights(digits_evaluator):
     expected = float((w.double() - q.double()).pow(2).mean())
     assert ev.layer_error("classifier.1", 3)["mse"] == pytest.approx(expected, rel=1e-12)
     assert ev.layer_error("classifier.1", 3)["mse"] > ev.layer_error("classifier.1", 4)["mse"]
+
+
+# ---- embedding tables: only the rows the splits read are dequantized --------------------------------
+class _Lookup(nn.Module):
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.emb = nn.Embedding(400, 16)
+        self.mix = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 400, bias=False)
+        if tied:
+            self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.emb(ids)))).mean(1)
+
+
+def _lookup_evaluator(tied: bool) -> Evaluator:
+    torch.manual_seed(0)
+    model = _Lookup(tied).eval()
+    g = torch.Generator().manual_seed(1)
+    cal, val = torch.randint(0, 50, (8, 6), generator=g), torch.randint(30, 80, (8, 6), generator=g)
+    task = Task(model=model, calibration=[(cal, None)], validation=[(val, None)], metric="cosine", name="lookup")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MPSearchWarning)
+        space = build_space(model)
+    return Evaluator(task, space, cache_dir=None), torch.unique(torch.cat([cal.flatten(), val.flatten()]))
+
+
+def test_an_embedding_table_is_dequantized_only_at_the_rows_looked_up():
+    ev, used = _lookup_evaluator(tied=False)
+    with ev:
+        assert torch.equal(ev._rows["emb"], used)
+        rng = np.random.default_rng(3)
+        for _ in range(6):
+            c = _fresh_candidate(ev, rng)
+            for split in ("calibration", "validation"):
+                got = ev.evaluate(c, split).metric
+                ev.apply(c)  # the whole quantized table, as a plan applies it
+                whole = ev.score_model(split)
+                ev.restore()
+                assert got == whole
+        # evaluations keep the rows they read, not whole tables (apply's are dropped first)
+        ev.weights.clear()
+        ev._row_values.clear()
+        held = ev._tables["emb"][1]  # the choice whose rows the working table holds
+        c = next(c for c in iter(lambda: _fresh_candidate(ev, rng), None) if ev.space.layer_choices(c)["emb"] != held)
+        ev.evaluate(c)
+        emb_choice = ev.space.layer_choices(c)["emb"]
+        assert ev._row_values[("emb", emb_choice)].shape == (len(used), 16) and ("emb", emb_choice) not in ev.weights
+        assert ev.model.emb.weight.data_ptr() == ev._original["emb"].data_ptr()  # restored after the forward
+
+
+def test_a_table_tied_to_an_output_layer_is_dequantized_whole():
+    ev, _ = _lookup_evaluator(tied=True)
+    with ev:
+        assert "emb" not in ev._rows
+        c = _fresh_candidate(ev, np.random.default_rng(4))
+        got = ev.evaluate(c).metric
+        ev.apply(c)
+        assert got == ev.score_model("calibration")
