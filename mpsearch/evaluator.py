@@ -151,6 +151,7 @@ class LRUCache:
         self.used = 0
         self.items: OrderedDict = OrderedDict()  # probation (all entries when nothing is protected)
         self.protected: OrderedDict = OrderedDict()
+        self.protected_share = protected_share
         self.protected_cap = int(self.cap * protected_share)
         self.protected_used = 0
         self.hits = self.misses = self.evictions = 0
@@ -221,8 +222,10 @@ class LRUCache:
         self._evict()
 
     def resize(self, cap_bytes: int) -> None:
+        """A new cap (the protected segment keeps its share), evicting down to it at once."""
         self.cap = int(cap_bytes)
-        self._demote(min(self.protected_cap, self.cap))
+        self.protected_cap = int(self.cap * self.protected_share)
+        self._demote(self.protected_cap)
         self._evict()
 
     def _evict(self) -> None:
@@ -254,7 +257,8 @@ class HalfWeight:
 class Evaluator:
     """Scores candidates on the task's model; the model gets its own weights back when a forward ends.
 
-    ``cache_mb``: quantized weights kept in memory; ``activation_cache_mb``: block outputs kept for prefix
+    ``cache_mb``: quantized weights kept in memory (stored records at most half, embedding tables' looked-up
+    rows set aside, dequantized weights the rest); ``activation_cache_mb``: block outputs kept for prefix
     reuse (defaults: together half the model's bytes plus 768 MB, at most a quarter of the free memory,
     half of it, at most 512 MB, for block outputs); ``blocks``: a regex naming the block sequence (default: found automatically;
     "" turns reuse off); ``device``: where the model runs (its outputs are scored on the CPU).
@@ -300,6 +304,7 @@ class Evaluator:
         self.weights = LRUCache(self._weight_budget // 2, size=lambda t: t.numel() * t.element_size(),
                                 on_evict=self._recycle)
         self._freed = 0  # bytes of evicted weights freed since the heap was last trimmed
+        self._table_bytes = 0  # embedding tables' working copies and looked-up rows (``_lookup_rows``)
         self._spare: dict[tuple, torch.Tensor] = {}  # evicted dequantized weights, one per shape, written over
         self.recycled = 0  # misses dequantized into a spare
         self.stored = LRUCache(self._weight_budget // 2, size=lambda r: r.nbytes, on_evict=self._forget)
@@ -319,7 +324,7 @@ class Evaluator:
         # the reference forwards also find the rows each embedding table is read at; a table takes that path
         # while its working copy and its rows at every quantized choice fit in half the weight cache, which
         # then holds that much less
-        self._rows, self._table_bytes = {}, 0
+        self._rows = {}
         for layer, idx in self._lookup_rows(named).items():
             w = self._original[layer]
             n = sum(self.space.setting(c).bits < UNQUANTIZED_BITS for c in self.space.layers[layer].choices)

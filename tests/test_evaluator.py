@@ -330,6 +330,9 @@ def test_an_embedding_table_is_dequantized_only_at_the_rows_looked_up():
         emb_choice = ev.space.layer_choices(c)["emb"]
         assert ev._row_values[("emb", emb_choice)].shape == (len(used), 16) and ("emb", emb_choice) not in ev.weights
         assert ev.model.emb.weight.data_ptr() == ev._original["emb"].data_ptr()  # restored after the forward
+        # the working table and the rows at every setting are set aside from the weight budget
+        assert ev._table_bytes == 400 * 16 * 4 * (1 + 6 * len(used) / 400)
+        assert ev.weights.cap == ev._weight_budget - ev._table_bytes - ev.stored.used
 
 
 def test_a_table_tied_to_an_output_layer_is_dequantized_whole():

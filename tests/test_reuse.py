@@ -102,7 +102,9 @@ def test_activation_cache_is_bounded(minilm_task):
         for c in cands:
             ev.evaluate(c)
         assert ev.activations.used <= 1 << 20
-        assert ev.weights.used <= ev.weights.cap and ev.stored.used <= ev.stored.cap
+        # one budget for both weight tiers: the records at most half, dequantized weights what they leave
+        assert ev.weights.used + ev.stored.used <= ev.memory()["weight_cache_cap_mb"] * (1 << 20)
+        assert ev.stored.used <= ev.stored.cap == 20 << 20
         assert ev.weights.evictions > 0, "a 40 MB weight cache must evict on minilm"
 
 
@@ -208,3 +210,18 @@ def test_lru_cache_makes_room_for_a_large_entry_and_drops_stale_ones():
     c.put("x", 1)
     assert c.get("x", valid=lambda v: False) is None  # rejected (changed in place): dropped, a miss
     assert "x" not in c and c.used == 0 and c.misses == 1 and c.hits == 1
+
+
+def test_lru_cache_shrinks_to_a_new_cap():
+    from mpsearch.evaluator import LRUCache
+
+    evicted = []
+    c = LRUCache(10, size=lambda v: v, on_evict=evicted.append, protected_share=0.5)
+    c.put("a", 3)
+    c.get("a")  # protected
+    c.put("b", 3)
+    c.put("c", 3)
+    c.resize(4)  # probation goes first, oldest first
+    assert evicted == [3, 3] and "a" in c and c.used == 3
+    c.resize(2)  # the protected segment shrinks with the cap: its entry goes back to probation, then out
+    assert evicted == [3, 3, 3] and c.used == 0 and c.protected_used == 0 and c.protected_cap == 1
