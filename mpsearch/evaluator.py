@@ -46,7 +46,6 @@ MB = 1 << 20
 ACTIVATION_PROTECTED = 0.25
 # an embedding table whose looked-up rows are at most this share of it is dequantized only at those rows
 LOOKUP_ROWS_SHARE = 0.5
-TRIM_AFTER_BYTES = 64 * MB  # evicted weights freed before the heap is trimmed
 
 
 def _call(model: torch.nn.Module, inputs: Any):
@@ -303,11 +302,10 @@ class Evaluator:
         self._weight_budget = int(cache_mb * MB)
         self.weights = LRUCache(self._weight_budget // 2, size=lambda t: t.numel() * t.element_size(),
                                 on_evict=self._recycle)
-        self._freed = 0  # bytes of evicted weights freed since the heap was last trimmed
         self._table_bytes = 0  # embedding tables' working copies and looked-up rows (``_lookup_rows``)
         self._spare: dict[tuple, torch.Tensor] = {}  # evicted dequantized weights, one per shape, written over
         self.recycled = 0  # misses dequantized into a spare
-        self.stored = LRUCache(self._weight_budget // 2, size=lambda r: r.nbytes, on_evict=self._forget)
+        self.stored = LRUCache(self._weight_budget // 2, size=lambda r: r.nbytes)
         self.prep_s = 0.0  # one-off preparation: inputs captured, weights quantized the first time
         self.requant_s = 0.0  # recomputing weights the bounded cache had evicted (part of evaluations)
         self.prep_log: dict[tuple, float] = {}
@@ -354,6 +352,7 @@ class Evaluator:
         self.points_run = self.points_reused = 0  # reuse points computed / answered from the cache
         self._keep_outputs: deque = deque(maxlen=32)  # whether each recent evaluation reused something
         self._storing = True
+        self._evicted = 0
         self.prefix = self._plan_prefix(blocks if blocks is not None else space.blocks)
         self._points = [named[n] for n in self.prefix.points] if self.prefix is not None else []
 
@@ -560,21 +559,16 @@ class Evaluator:
         """Dequantized weights get what the records and the embedding tables leave of the weight budget."""
         self.weights.resize(self._weight_budget - self._table_bytes - self.stored.used)
 
-    def _forget(self, record) -> None:
-        self._freed += record.nbytes
-
     def _recycle(self, w: torch.Tensor) -> None:
         """Keep a dequantized weight the cache let go, to write the next miss of its shape into: a random
         candidate then costs the arithmetic of dequantizing, not fresh memory (page faults, heap trims).
         Only one nobody holds: no Python reference but the eviction's, and no other tensor on its memory (a
         view, a ``state_dict()`` entry, a parameter's data after ``apply``)."""
-        if w.device.type != "cpu":
+        if w.device.type != "cpu" or w.device != self.device or not w.is_contiguous() or _STORAGE_USES is None:
             return
-        if w.device == self.device and w.is_contiguous() and _STORAGE_USES is not None and \
-                sys.getrefcount(w) <= _EVICTED_REFS and _STORAGE_USES(w.untyped_storage()._cdata) <= _UNSHARED_STORAGE \
-                and self._spare.setdefault((w.shape, w.dtype), w) is w:
+        if sys.getrefcount(w) > _EVICTED_REFS or _STORAGE_USES(w.untyped_storage()._cdata) > _UNSHARED_STORAGE:
             return
-        self._freed += w.numel() * w.element_size()
+        self._spare.setdefault((w.shape, w.dtype), w)
 
     def _quantize(self, layer: str, setting) -> "QuantizedWeight | HalfWeight":
         """A layer's stored record at an integer or float16 setting; quantized in float32 whatever the model's
@@ -729,11 +723,10 @@ class Evaluator:
         finally:
             self._current = None
             self.restore()
-        # evicted weights not written over leave holes in the heap (block outputs are reused); handed back once
-        # they add up, as trimming costs milliseconds
-        if _TRIM is not None and self._freed >= TRIM_AFTER_BYTES:
-            _TRIM(0)
-            self._freed = 0
+        evicted = self.weights.evictions + self.stored.evictions
+        if _TRIM is not None and evicted > self._evicted:  # evicted weights leave holes; block outputs are reused
+            _TRIM(0)  # (trimming only once 64 MB were freed kept up to 320 MB more on the 0.1B stacks)
+        self._evicted = evicted
         self._keep_outputs.append(self.points_reused > reused0)
         prep = self.prep_s - prep0
         wall = time.perf_counter() - t0 - prep  # preparation is one-off work, reported apart
