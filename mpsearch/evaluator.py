@@ -302,7 +302,7 @@ class Evaluator:
         self._weight_budget = int(cache_mb * MB)
         self.weights = LRUCache(self._weight_budget // 2, size=lambda t: t.numel() * t.element_size(),
                                 on_evict=self._recycle)
-        self._table_bytes = 0  # embedding tables' working copies and looked-up rows (``_lookup_rows``)
+        self._table_bytes = 0  # embedding tables' working copies and looked-up rows (``_recording_lookups``)
         self._spare: dict[tuple, torch.Tensor] = {}  # evicted dequantized weights, one per shape, written over
         self.recycled = 0  # misses dequantized into a spare
         self.stored = LRUCache(self._weight_budget // 2, size=lambda r: r.nbytes)
@@ -322,8 +322,11 @@ class Evaluator:
         # the reference forwards also find the rows each embedding table is read at; a table takes that path
         # while its working copy and its rows at every quantized choice fit in half the weight cache, which
         # then holds that much less
+        with self._recording_lookups(named) as looked_up:
+            self.reference_outputs = {"calibration": self._forward(self.calibration),
+                                      "validation": self._forward(self.validation)}
         self._rows = {}
-        for layer, idx in self._lookup_rows(named).items():
+        for layer, idx in looked_up.items():
             w = self._original[layer]
             n = sum(self.space.setting(c).bits < UNQUANTIZED_BITS for c in self.space.layers[layer].choices)
             need = w.numel() * w.element_size() * (1 + n * idx.numel() / w.shape[0])
@@ -521,10 +524,11 @@ class Evaluator:
             self._row_values[key] = rows
         return rows
 
-    def _lookup_rows(self, named: dict) -> dict[str, torch.Tensor]:
-        """The rows each searched embedding table is read at over both splits, for the tables that only their own
-        ``nn.Embedding`` reads (not tied to an output layer, not renormalized in place) and where those rows are
-        at most ``LOOKUP_ROWS_SHARE`` of the table; captured during the reference forwards."""
+    @contextlib.contextmanager
+    def _recording_lookups(self, named: dict):
+        """While the block runs, records the rows each searched embedding table is read at; yields a dict that
+        then holds them for the tables that only their own ``nn.Embedding`` reads (not tied to an output layer,
+        not renormalized in place) and where those rows are at most ``LOOKUP_ROWS_SHARE`` of the table."""
         counts = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
         tables = {}
         for layer, spec in self.space.layers.items():
@@ -540,20 +544,18 @@ class Evaluator:
 
         hooks = [m.register_forward_pre_hook(lambda mod, a, k, layer=layer: looked_up(mod, a, k, layer), with_kwargs=True)
                  for layer, m in tables.items()]
+        rows: dict[str, torch.Tensor] = {}
         try:
-            self.reference_outputs = {"calibration": self._forward(self.calibration),
-                                      "validation": self._forward(self.validation)}
+            yield rows
         finally:
             for h in hooks:
                 h.remove()
-        rows = {}
         for layer, parts in seen.items():
             if not parts or any(p is None for p in parts):
                 continue
             idx = torch.unique(torch.cat([p.reshape(-1).long() for p in parts]))
             if idx.numel() <= LOOKUP_ROWS_SHARE * self._original[layer].shape[0]:
                 rows[layer] = idx.to(self.device)
-        return rows
 
     def _fit_weights(self) -> None:
         """Dequantized weights get what the records and the embedding tables leave of the weight budget."""
