@@ -8,7 +8,9 @@
   Memory target: peak RSS <= 1.6 x model bytes + 1.5 GB.
 * MiniLM, 300-evaluation searches (greedy at <= 4.0 average bits; bayes, pso and random on the whole
   front): mean evaluation cost as a fraction of one plain forward timed right after every evaluation, in
-  the same run, and the largest difference between a score with prefix reuse and a full forward.
+  the same run; the same in the Linear layers' multiply-accumulates, counted exactly (``work_ratio``);
+  greedy again with an unbounded activation cache; and the largest difference between a score with
+  prefix reuse and a full forward.
 
     python experiments/bench_scale.py [--sizes 0.1B,0.4B,1.2B] [--dtypes float32,bfloat16] [--json]
 """
@@ -112,32 +114,96 @@ def one_size(size: str, dtype_name: str, evals: int, greedy_evals: int | None = 
     return row
 
 
-def minilm_ratios(evals: int, strategies: list[str]) -> list[dict]:
+class LinearWork:
+    """Multiply-accumulates of the model's nn.Linear calls while ``on``: the work an evaluation really computes,
+    counted exactly, beside its time, which this machine measures only to a few percent."""
+
+    def __init__(self, model: nn.Module):
+        self.on, self.macs = False, 0
+        self.hooks = [m.register_forward_pre_hook(self._count) for m in model.modules() if isinstance(m, nn.Linear)]
+
+    def _count(self, mod, args) -> None:
+        if self.on:
+            self.macs += args[0].numel() * mod.out_features
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+UNBOUNDED_MB = 8192.0  # an activation cache MiniLM's block outputs never fill (its 300 evaluations keep ~4 GB)
+
+
+def minilm_ratios(evals: int, strategies: list[str], unbounded: bool = True) -> list[dict]:
+    """Each strategy with the default caches; greedy also with an unbounded activation cache (and the same
+    weight cache), which shows what the bounded one costs. Candidates one decision below the top (greedy's
+    and ilp's sensitivity phase) are reported apart: what each costs is fixed by the block it lowers."""
     task = load_task("minilm")
     space = space_for(task)
+    top = space.decode([n - 1 for n in space.n_choices])
+    runs = [(s, None) for s in strategies] + ([("greedy", UNBOUNDED_MB)] if unbounded and "greedy" in strategies else [])
+    weight_mb = None
     rows = []
-    for strategy in strategies:
-        ev = Evaluator(task, space)
+    for strategy, activation_mb in runs:
+        ev = Evaluator(task, space, activation_cache_mb=activation_mb, cache_mb=weight_mb if activation_mb else None)
+        weight_mb = weight_mb or ev.memory()["weight_cache_cap_mb"]
         ev.prepare()  # one-off preparation is reported apart from evaluations
-        fwd = []
+        work = LinearWork(ev.model)
+        fwd, forward_macs, spent = [], [0], {}
+        evaluate = ev.evaluate
 
-        def timed_forward(trial, result):
+        def counted(candidate, split="calibration", _evaluate=evaluate, _work=work):
+            before = _work.macs
+            _work.on = True
+            try:
+                result = _evaluate(candidate, split)
+            finally:
+                _work.on = False
+            if split == "calibration" and not result.cached:
+                spent[tuple(result.candidate)] = _work.macs - before
+            return result
+
+        ev.evaluate = counted
+
+        def timed_forward(trial, result, _work=work):
+            before = _work.macs
+            _work.on = True
             t0 = time.perf_counter()
             ev._forward(ev.calibration)
             fwd.append(time.perf_counter() - t0)
+            _work.on = False
+            forward_macs[0] = _work.macs - before
 
         budget = Budget(max_avg_bits=4.0) if strategy == "greedy" else None
         from mpsearch.search import Termination, search
 
         res = search(ev, strategy, Termination(max_evals=evals), seed=0, budget=budget, callbacks=[timed_forward])
-        walls = [e.wall_s for e in res.trials if not e.cached]
+        del ev.evaluate
+        work.remove()
+        done = [e for e in res.trials if not e.cached]
+        walls = [e.wall_s for e in done]
+        near = [e for e in done if sum(a != b for a, b in zip(e.candidate, top)) <= 1]
+        rest = [e for e in done if sum(a != b for a, b in zip(e.candidate, top)) > 1]
+
+        def ratios(trials):
+            if not trials:
+                return None, None
+            t = statistics.mean(e.wall_s for e in trials) / statistics.mean(fwd)
+            w = statistics.mean(spent[tuple(e.candidate)] for e in trials) / forward_macs[0]
+            return round(t, 3), round(w, 3)
+
         # every score against a full forward without reuse
         with Evaluator(task, space, blocks="") as plain:
             sample = res.trials[:: max(1, len(res.trials) // 40)]
             diff = max(abs(plain.evaluate(t.candidate).metric - t.metric) for t in sample)
-        rows.append({"model": "minilm", "strategy": strategy, "evals": len(walls),
-                     "mean_eval_s": round(statistics.mean(walls), 4), "mean_forward_s": round(statistics.mean(fwd), 4),
-                     "ratio": round(statistics.mean(walls) / statistics.mean(fwd), 3),
+        (ratio, work_ratio), (near_ratio, near_work), (rest_ratio, rest_work) = ratios(done), ratios(near), ratios(rest)
+        rows.append({"model": "minilm", "strategy": strategy,
+                     "activation_cache": "unbounded" if activation_mb else "default",
+                     "activation_cache_cap_mb": round(ev.activations.cap / 2**20),
+                     "evals": len(walls), "mean_eval_s": round(statistics.mean(walls), 4),
+                     "mean_forward_s": round(statistics.mean(fwd), 4), "ratio": ratio, "work_ratio": work_ratio,
+                     "top_or_one_lowered_evals": len(near), "ratio_top_or_one_lowered": near_ratio,
+                     "work_ratio_top_or_one_lowered": near_work, "ratio_others": rest_ratio, "work_ratio_others": rest_work,
                      "points_reused": ev.points_reused, "points_run": ev.points_run,
                      "max_score_diff_vs_full_forward": diff, "scores_checked": len(sample)})
         print(json.dumps(rows[-1]), flush=True)
@@ -155,6 +221,8 @@ def main() -> None:
     p.add_argument("--greedy-evals", type=int, help="evaluations of the greedy search there (default: --evals)")
     p.add_argument("--minilm-evals", type=int, default=300)
     p.add_argument("--minilm-strategies", default="greedy,bayes,pso,random")
+    p.add_argument("--no-unbounded", action="store_true",
+                   help="skip the second greedy run on MiniLM with an unbounded activation cache")
     p.add_argument("--one", help=argparse.SUPPRESS)  # SIZE:DTYPE, run in a child process
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json")
@@ -183,10 +251,11 @@ def main() -> None:
                     out["synthetic"] = [r for r in out["synthetic"] if (r["size"], r["dtype"]) != (size, dtype)] + [row]
                     _save(out)
         if a.part in ("all", "minilm"):
-            rows = minilm_ratios(a.minilm_evals, [s for s in a.minilm_strategies.split(",") if s])
+            rows = minilm_ratios(a.minilm_evals, [s for s in a.minilm_strategies.split(",") if s], not a.no_unbounded)
             out = json.loads(path.read_text()) if path.exists() else out
-            done = {r["strategy"] for r in rows}
-            out["minilm"] = [r for r in out["minilm"] if r["strategy"] not in done] + rows
+            done = {(r["strategy"], r["activation_cache"]) for r in rows}
+            out["minilm"] = [r for r in out["minilm"]
+                             if (r["strategy"], r.get("activation_cache", "default")) not in done] + rows
     out["wall_s"] = {**out.get("wall_s", {}), a.part: round(total.s, 1)}
     _save(out)
     if a.json:
@@ -218,8 +287,11 @@ def write_markdown(out: dict) -> None:
             "(layer, bits) the first time: *_prep_s).\n\n"
             f"{markdown_table(syn)}\n"
             "## Prefix reuse on MiniLM\n\n"
-            "Mean evaluation time over a plain forward timed after every evaluation in the same run (1.0: no "
-            "saving); the scores of a sample of the run's candidates recomputed by a full forward without reuse "
+            "Mean evaluation time over a plain forward timed after every evaluation in the same run (ratio; 1.0: no "
+            "saving), and the same in the multiply-accumulates of the model's Linear layers, counted exactly "
+            "(work_ratio). Candidates at most one decision below the top (the sensitivity phase of greedy) are "
+            "also reported apart from the others (*_top_or_one_lowered, *_others). activation_cache: the default "
+            "cap, or one no run fills, with the same weight cache. The scores of a sample of the run's candidates recomputed by a full forward without reuse "
             "differ from the stored ones by at most max_score_diff_vs_full_forward.\n\n"
             f"{markdown_table(mini)}\n"
             f"_{out['environment']}; wall time {walls}; regenerate with "
