@@ -9,7 +9,9 @@
   a cache bounded by ``activation_cache_mb``. A candidate that first differs from an earlier one in
   block k skips blocks 0..k-1: their outputs are the same tensors, so scores are identical. Outputs are
   kept without a copy; one that a later module changed in place (its version counter moved) is
-  computed again.
+  computed again. Inside the changed block, the lead points (``ReusePlan.lead_points``: the layers and
+  sub-modules before the changed one) are kept for one candidate per batch, the lead that
+  ``prefix_order`` puts first, so its one-decision neighbours skip those too.
 * Scores are memoized by candidate, so a strategy that asks again pays nothing and a shared
   evaluator makes every strategy pay the same price per evaluation.
 """
@@ -46,6 +48,8 @@ MB = 1 << 20
 ACTIVATION_PROTECTED = 0.25
 # an embedding table whose looked-up rows are at most this share of it is dequantized only at those rows
 LOOKUP_ROWS_SHARE = 0.5
+# the default activation cache holds the block outputs of this many candidates, where memory allows
+KEPT_CANDIDATES = 32
 
 
 def _call(model: torch.nn.Module, inputs: Any):
@@ -158,8 +162,9 @@ class LRUCache:
     def __contains__(self, key) -> bool:
         return key in self.items or key in self.protected
 
-    def get(self, key, valid=None):
-        """The entry, or None; one that ``valid(entry)`` rejects is dropped and counts as a miss."""
+    def get(self, key, valid=None, promote: bool = True):
+        """The entry, or None; one that ``valid(entry)`` rejects is dropped and counts as a miss. ``promote``
+        False: a hit stays where it was (an entry known to be short-lived)."""
         protected = key in self.protected
         v = (self.protected if protected else self.items).get(key)
         if v is not None and valid is not None and not valid(v):
@@ -170,7 +175,7 @@ class LRUCache:
             return None
         if protected:
             self.protected.move_to_end(key)
-        else:
+        elif promote:
             self._promote(key)
         self.hits += 1
         return v
@@ -259,7 +264,8 @@ class Evaluator:
     ``cache_mb``: quantized weights kept in memory (stored records at most half, embedding tables' looked-up
     rows set aside, dequantized weights the rest); ``activation_cache_mb``: block outputs kept for prefix
     reuse (defaults: together half the model's bytes plus 768 MB, at most a quarter of the free memory,
-    half of it, at most 512 MB, for block outputs); ``blocks``: a regex naming the block sequence (default: found automatically;
+    half of it, at most 512 MB, for block outputs; block outputs get more, up to ``KEPT_CANDIDATES``
+    candidates' worth, where a quarter of the free memory beyond the weight cache allows); ``blocks``: a regex naming the block sequence (default: found automatically;
     "" turns reuse off); ``device``: where the model runs (its outputs are scored on the CPU).
     Use it as a context manager, or call ``close()``: hooks come off and the model is as it was.
     """
@@ -293,11 +299,11 @@ class Evaluator:
         # memory; half of it (at most 512 MB) for block outputs, the rest for quantized weights.
         model_mb = sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) / MB
         extra = min(0.5 * model_mb + 768.0, 0.25 * available_mb())
-        if activation_cache_mb is None:
+        default_activations = activation_cache_mb is None
+        if default_activations:
             activation_cache_mb = min(512.0, extra / 2)
         if cache_mb is None:
             cache_mb = max(64.0, extra - activation_cache_mb)
-        self._activation_cache_mb = activation_cache_mb
         # the compact records take at most half; dequantized weights ready to swap in, the rest
         self._weight_budget = int(cache_mb * MB)
         self.weights = LRUCache(self._weight_budget // 2, size=lambda t: t.numel() * t.element_size(),
@@ -349,15 +355,27 @@ class Evaluator:
             if not _usable(v):
                 raise TaskError(f"task {task.name!r}: the metric of the full-precision model on the {name} split "
                                 f"is {v}, not a number to rank by")
-        self.activations = LRUCache(int(self._activation_cache_mb * MB), protected_share=ACTIVATION_PROTECTED)
         self._batch: tuple | None = None  # (split, batch index) while a batch runs
         self._prefix_keys: list[tuple] = []
         self.points_run = self.points_reused = 0  # reuse points computed / answered from the cache
+        self.leads_reused = 0  # lead points answered from the cache
         self._keep_outputs: deque = deque(maxlen=32)  # whether each recent evaluation reused something
         self._storing = True
         self._evicted = 0
         self.prefix = self._plan_prefix(blocks if blocks is not None else space.blocks)
-        self._points = [named[n] for n in self.prefix.points] if self.prefix is not None else []
+        self._points = [named[n] for n in self.prefix.points + self.prefix.lead_points] if self.prefix is not None else []
+        self._lead: Candidate | None = None  # the candidate whose lead points are kept (``prefix_order``)
+        self._lead_wanted: frozenset = frozenset()
+        self._leading = False
+        self._lead_stored: list[tuple] = []
+        if default_activations and self.prefix is not None:
+            # room for the block outputs of KEPT_CANDIDATES candidates, where a quarter of the free memory beyond
+            # the weight cache allows: a bigger default only where the model's activations are small beside it
+            room = 0.25 * available_mb() - cache_mb
+            want = KEPT_CANDIDATES * self.prefix.point_bytes * len(self.calibration) / MB
+            activation_cache_mb = max(activation_cache_mb, min(want, room))
+        self._activation_cache_mb = activation_cache_mb
+        self.activations = LRUCache(int(activation_cache_mb * MB), protected_share=ACTIVATION_PROTECTED)
 
     # ---- forward passes -----------------------------------------------------------------
     @staticmethod
@@ -649,6 +667,7 @@ class Evaluator:
             yield
             return
         saved = []
+        n_points = len(self.prefix.points)
         for j, module in enumerate(self._points):
             own = module.__dict__.get("forward")
             orig = module.forward
@@ -657,14 +676,26 @@ class Evaluator:
                 if self._batch is None or self._current is None:
                     return _orig(*args, **kwargs)
                 key = (self._batch, _j, self._prefix_keys[_j])
-                hit = self.activations.get(key, valid=_unchanged)
+                lead = _j >= n_points
+                if lead and (self._leading or _j not in self._lead_wanted):  # the lead computes them; none kept
+                    hit = None
+                else:  # a lead point's output serves this batch only: it does not join the protected segment
+                    hit = self.activations.get(key, valid=_unchanged, promote=not lead)
                 if hit is not None:
+                    if lead:
+                        self.leads_reused += 1
+                        return hit[0]
                     self.points_reused += 1
                     for i in self.prefix.inside[_j]:  # kept as fresh as the output that stood in for them
                         self.activations.touch((self._batch, i, self._prefix_keys[i]))
                     return hit[0]
-                self.points_run += 1
                 out = _orig(*args, **kwargs)
+                if lead:
+                    if self._leading and _j in self._lead_wanted:
+                        self.activations.put(key, (out, tensor_versions(out)))
+                        self._lead_stored.append(key)
+                    return out
+                self.points_run += 1
                 if self._storing:
                     self.activations.put(key, (out, tensor_versions(out)))
                 return out
@@ -685,15 +716,30 @@ class Evaluator:
         frequent choice per decision) first, then the others by how late in the forward they first depart from
         it, latest first. Each one then finds the common prefix it needs freshly used, while the outputs it
         passes over, which no later candidate in the batch needs, are the ones the bounded cache drops first."""
+        for key in self._lead_stored:  # the last batch's lead outputs: no later candidate shares that lead
+            self.activations.drop(key)
+        self._lead_stored, self._lead, self._lead_wanted = [], None, frozenset()
         if self.prefix is None or len(candidates) < 2:
             return list(range(len(candidates)))
         order = self.prefix.order
         common = [Counter(c[d] for c in candidates).most_common(1)[0][0] for d in range(len(candidates[0]))]
 
-        def departs(c) -> int:
-            return next((k for k, d in enumerate(order) if c[d] != common[d]), len(order))
+        def departs(c, base) -> int:
+            return next((k for k, d in enumerate(order) if c[d] != base[d]), len(order))
 
-        return sorted(range(len(candidates)), key=lambda i: (-departs(candidates[i]), i))
+        ranked = sorted(range(len(candidates)), key=lambda i: (-departs(candidates[i], common), i))
+        # the lead: the first candidate to compute; its lead points are kept where a later one in the batch can use them
+        try:
+            fresh = [c for c in (self.space.check_candidate(candidates[i]) for i in ranked) if not self.is_memoized(c)]
+        except MPSearchError:  # evaluate says what is wrong with it, after the valid ones before it are scored
+            fresh = []
+        if fresh and self.prefix.lead_points:
+            lead, offsets = fresh[0], [departs(c, fresh[0]) for c in fresh[1:]]
+            n_points = len(self.prefix.points)
+            wanted = {n_points + j for j, (a, b) in enumerate(self.prefix.lead_span) if any(a <= k < b for k in offsets)}
+            if wanted:
+                self._lead, self._lead_wanted = lead, frozenset(wanted)
+        return ranked
 
     # ---- scoring ---------------------------------------------------------------------------
     def evaluate(self, candidate: Sequence, split: str = "calibration") -> Evaluation:
@@ -702,17 +748,18 @@ class Evaluator:
         hit = self._memo.get(key)
         if hit is not None:
             return replace(hit, cached=True)
-        prep0, reused0 = self.prep_s, self.points_reused
+        prep0, reused0 = self.prep_s, self.points_reused + self.leads_reused
         # a strategy whose candidates share no prefix (random, pso) pays for keeping outputs and never gains:
         # after 32 evaluations without a hit, only every 8th evaluation keeps its outputs, until one hits
         self._storing = any(self._keep_outputs) or len(self._keep_outputs) < self._keep_outputs.maxlen or \
             len(self._memo) % 8 == 0
+        self._leading = split == "calibration" and cand == self._lead
         t0 = time.perf_counter()
         error = None
         self.restore()
         self._current = self.space.layer_choices(cand)
         if self.prefix is not None:
-            self._prefix_keys = [tuple(cand[d] for d in k) for k in self.prefix.keys]
+            self._prefix_keys = [tuple(cand[d] for d in k) for k in self.prefix.keys + self.prefix.lead_keys]
         try:
             batches = self.calibration if split == "calibration" else self.validation
             with self._reusing_prefixes():
@@ -724,12 +771,13 @@ class Evaluator:
             value, error = math.nan, f"{type(exc).__name__}: {exc}".strip()[:2000]
         finally:
             self._current = None
+            self._leading = False
             self.restore()
         evicted = self.weights.evictions + self.stored.evictions
         if _TRIM is not None and evicted > self._evicted:  # evicted weights leave holes; block outputs are reused
             _TRIM(0)  # (trimming only once 64 MB were freed kept up to 320 MB more on the 0.1B stacks)
         self._evicted = evicted
-        self._keep_outputs.append(self.points_reused > reused0)
+        self._keep_outputs.append(self.points_reused + self.leads_reused > reused0)
         prep = self.prep_s - prep0
         wall = time.perf_counter() - t0 - prep  # preparation is one-off work, reported apart
         size = self.sizes.size(cand)
@@ -761,7 +809,9 @@ class Evaluator:
                 "weight_cache_mb": round((self.weights.used + self.stored.used + self._table_bytes) / MB, 1),
                 "weight_cache_cap_mb": round(self._weight_budget / MB, 1),
                 "activation_cache_mb": round(self.activations.used / MB, 1),
+                "activation_cache_cap_mb": round(self.activations.cap / MB, 1),
                 "reuse_points": len(self.prefix.points) if self.prefix is not None else 0,
+                "lead_points": len(self.prefix.lead_points) if self.prefix is not None else 0,
                 **({"peak_device_mb": round(torch.cuda.max_memory_allocated(self.device) / MB, 1)}
                    if self.device.type == "cuda" else {})}
 

@@ -225,3 +225,76 @@ def test_lru_cache_shrinks_to_a_new_cap():
     assert evicted == [3, 3] and "a" in c and c.used == 3
     c.resize(2)  # the protected segment shrinks with the cap: its entry goes back to probation, then out
     assert evicted == [3, 3, 3] and c.used == 0 and c.protected_used == 0 and c.protected_cap == 1
+
+
+def _moves(space, base, bits):
+    """One-decision moves from ``base``: a batch as greedy's sensitivity pass asks it."""
+    return [tuple(base[:d] + [bits] + base[d + 1:]) for d in range(len(base)) if base[d] != bits]
+
+
+def _in_prefix_order(ev, batch):
+    return [ev.evaluate(batch[i]).metric for i in ev.prefix_order(batch)]
+
+
+def test_minilm_lead_points_skip_the_changed_block_up_to_the_changed_layer(minilm_task, minilm_space):
+    """Inside the block a move changes, the lead's query, key, attention and MLP-expansion outputs stand in: per
+    block and batch, 2 for a change to value, 1 to key, 1 to the MLP expansion and 2 to its contraction."""
+    space = minilm_space
+    base = list(space.uniform(8))
+    batch = _moves(space, base, 4) + [tuple(base)]  # the base last: prefix_order puts it first, as the lead
+    with Evaluator(minilm_task, space, cache_dir=None, blocks="") as plain:
+        want = {c: plain.evaluate(c).metric for c in batch}
+    with Evaluator(minilm_task, space, cache_dir=None) as ev:
+        assert ev.memory()["lead_points"] == 24
+        order = ev.prefix_order(batch)
+        assert batch[order[0]] == tuple(base)
+        got = {batch[i]: ev.evaluate(batch[i]).metric for i in order}
+        assert ev.leads_reused == 6 * 6 * len(ev.calibration)
+        assert ev._lead_stored, "the lead kept its outputs"
+        ev.prefix_order([tuple(base), tuple(base)])  # a new batch: the last lead's outputs go
+        assert not any(k[1] >= len(ev.prefix.points) for k in ev.activations.items)
+    np.testing.assert_allclose([got[c] for c in batch], [want[c] for c in batch], rtol=0, atol=1e-6)
+
+
+class EarlyBlock(Block):
+    """Changes its first layer's output in place: a kept lead output must not be served changed."""
+
+    def forward(self, x):
+        return x + self.out(self.fc(x).tanh_())
+
+
+class EarlyStack(Stack):
+    def __init__(self):
+        super().__init__()
+        shared = self.blocks[0].fc
+        for b in self.blocks:
+            b.__class__ = EarlyBlock
+        self.blocks[2].fc = shared
+
+
+@pytest.mark.parametrize("model, leads", [(Stack, True), (EarlyStack, False)])
+def test_lead_points_stay_exact_with_a_shared_layer_and_in_place_changes(model, leads):
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(16, 8, generator=g), None) for _ in range(3)]
+    task = Task(model(), batches[:2], batches[2:], metric="neg_mse", name="leads")
+    space = build_space(task.model, [2, 4, 8])
+    base = list(space.uniform(8))
+    batch = _moves(space, base, 2)
+    with Evaluator(task, space, cache_dir=None, blocks="") as plain:
+        want = {c: plain.evaluate(c).metric for c in batch}
+    with Evaluator(task, space, cache_dir=None) as ev:
+        # block 2's fc is block 0's: called twice, never a lead point
+        assert "blocks.1.fc" in ev.prefix.lead_points and "blocks.0.fc" not in ev.prefix.lead_points
+        order = ev.prefix_order(batch)
+        got = {batch[i]: ev.evaluate(batch[i]).metric for i in order}
+        assert (ev.leads_reused > 0) is leads  # changed in place: computed again, never served stale
+    np.testing.assert_allclose([got[c] for c in batch], [want[c] for c in batch], rtol=0, atol=1e-6)
+
+
+def test_a_batch_sharing_nothing_keeps_no_lead_outputs(minilm_task, minilm_space):
+    rng = np.random.default_rng(5)
+    batch = [tuple(minilm_space.random(rng)) for _ in range(3)]
+    with Evaluator(minilm_task, minilm_space, cache_dir=None) as ev:
+        _in_prefix_order(ev, batch)
+        assert ev._lead is None and ev.leads_reused == 0
+        assert not any(k[1] >= len(ev.prefix.points) for k in ev.activations.items)

@@ -49,6 +49,8 @@ class ReusePlan:
     order the forward really ran, so a weight tied or shared across blocks counts from its first use on,
     and reuse stops before it. A point called more than once per forward (a shared module) is not a point.
     ``inside[i]``: the points nested in point i. ``order``: the decisions by first call, the order in which candidates sharing prefixes are sorted.
+    ``point_bytes``: the points' outputs on the planning batch. ``lead_points``/``lead_keys``/``lead_span``: modules
+    inside a block kept for one candidate per batch only (see below).
     """
 
     def __init__(self, model: nn.Module, blocks: list[str], decisions: list[tuple[str, ...]], run: Callable[[], None],
@@ -130,6 +132,38 @@ class ReusePlan:
         self.keys = [tuple(d for d, s in enumerate(starts) if s < end[p]) for p in self.points]
         self.inside = [[i for i, q in enumerate(self.points) if q.startswith(p + ".")] for p in self.points]
         self.order = sorted(range(len(decisions)), key=lambda d: starts[d])
+        self.point_bytes = sum(nbytes.get(p, 0) for p in self.points)
+
+        # Lead points: inside a block, the outputs of modules called once (searched layers included) that a later
+        # decision in the same block could use. Kept for one candidate per batch only (``Evaluator.prefix_order``'s
+        # lead), so their memory is one forward's, and a batch of one-decision moves from it (greedy's
+        # sensitivity pass) skips, in the changed block, what comes before the changed layer.
+        regular = set(self.points)
+        inner_all = [n for n in watched if calls.get(n) == 1 and n not in regular and n not in blocks
+                     and any(n.startswith(b + ".") for b in blocks)] if self.usable else []
+
+        def key_of(n: str) -> tuple[int, ...]:
+            return tuple(d for d, s in enumerate(starts) if s < end[n])
+
+        def limit_of(n: str) -> int:  # the end of the innermost regular point around n: beyond, that point stands in
+            outer = [p for p in self.points if n.startswith(p + ".")]
+            return end[max(outer, key=len)] if outer else len(events)
+
+        leads = []
+        for n in sorted(inner_all, key=lambda n: first[n]):
+            if not any(end[n] < s < limit_of(n) for s in starts):
+                continue
+            # an enclosing module with the same key ends later and saves more: it stands in for n
+            if any(n.startswith(m + ".") and key_of(m) == key_of(n) for m in inner_all):
+                continue
+            leads.append(n)
+        self.lead_points = leads
+        self.lead_keys = [key_of(n) for n in leads]
+        # a candidate that first departs from the lead at position k of ``order`` uses lead point j when
+        # a <= k < b: it agrees on everything j depends on, and not on the key of the regular point around j
+        rank = {d: k for k, d in enumerate(self.order)}
+        self.lead_span = [(max((rank[d] + 1 for d in key), default=0),
+                           sum(1 for s in starts if s < limit_of(n))) for n, key in zip(leads, self.lead_keys)]
 
 
 def tensor_versions(out) -> tuple:
