@@ -50,6 +50,8 @@ ACTIVATION_PROTECTED = 0.25
 LOOKUP_ROWS_SHARE = 0.5
 # the default activation cache holds the block outputs of this many candidates, where memory allows
 KEPT_CANDIDATES = 32
+# a batch's lead keeps its lead points' outputs in at most this share of the activation cache
+LEAD_SHARE = 0.25
 
 
 def _call(model: torch.nn.Module, inputs: Any):
@@ -164,7 +166,7 @@ class LRUCache:
 
     def get(self, key, valid=None, promote: bool = True):
         """The entry, or None; one that ``valid(entry)`` rejects is dropped and counts as a miss. ``promote``
-        False: a hit stays where it was (an entry known to be short-lived)."""
+        False: a hit on probation stays there (an entry known to be short-lived)."""
         protected = key in self.protected
         v = (self.protected if protected else self.items).get(key)
         if v is not None and valid is not None and not valid(v):
@@ -263,10 +265,10 @@ class Evaluator:
 
     ``cache_mb``: quantized weights kept in memory (stored records at most half, embedding tables' looked-up
     rows set aside, dequantized weights the rest); ``activation_cache_mb``: block outputs kept for prefix
-    reuse (defaults: together half the model's bytes plus 768 MB, at most a quarter of the free memory,
-    half of it, at most 512 MB, for block outputs; block outputs get more, up to ``KEPT_CANDIDATES``
-    candidates' worth, where a quarter of the free memory beyond the weight cache allows); ``blocks``: a regex naming the block sequence (default: found automatically;
-    "" turns reuse off); ``device``: where the model runs (its outputs are scored on the CPU).
+    reuse. Defaults: half the model's bytes plus 768 MB, at most a quarter of the free memory, split in
+    two: block outputs get half, at most 512 MB, or on the CPU up to ``KEPT_CANDIDATES`` candidates' block
+    outputs where a quarter of the free memory beyond the weight cache allows; the weights the rest.
+    ``blocks``: a regex naming the block sequence (default: found automatically; "" turns reuse off); ``device``: where the model runs (its outputs are scored on the CPU).
     Use it as a context manager, or call ``close()``: hooks come off and the model is as it was.
     """
 
@@ -296,7 +298,8 @@ class Evaluator:
         self._moments: dict[str, torch.Tensor] | None = None
         self.prepared = PreparedCache(default_cache_dir() if cache_dir == "default" else cache_dir)
         # Default memory beside the model: half the model's bytes plus 768 MB, at most a quarter of the free
-        # memory; half of it (at most 512 MB) for block outputs, the rest for quantized weights.
+        # memory; half of it (at most 512 MB) for block outputs, the rest for quantized weights. Block outputs
+        # may get more once the plan knows their size (below).
         model_mb = sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) / MB
         extra = min(0.5 * model_mb + 768.0, 0.25 * available_mb())
         default_activations = activation_cache_mb is None
@@ -368,9 +371,10 @@ class Evaluator:
         self._lead_wanted: frozenset = frozenset()
         self._leading = False
         self._lead_stored: list[tuple] = []
-        if default_activations and self.prefix is not None:
+        if default_activations and self.prefix is not None and self.device.type == "cpu":
             # room for the block outputs of KEPT_CANDIDATES candidates, where a quarter of the free memory beyond
             # the weight cache allows: a bigger default only where the model's activations are small beside it
+            # (host memory: on an accelerator the cap stays as it was)
             room = 0.25 * available_mb() - cache_mb
             want = KEPT_CANDIDATES * self.prefix.point_bytes * len(self.calibration) / MB
             activation_cache_mb = max(activation_cache_mb, min(want, room))
@@ -715,28 +719,39 @@ class Evaluator:
         """Indices of ``candidates`` in the order that reuses the most: the batch's common candidate (its most
         frequent choice per decision) first, then the others by how late in the forward they first depart from
         it, latest first. Each one then finds the common prefix it needs freshly used, while the outputs it
-        passes over, which no later candidate in the batch needs, are the ones the bounded cache drops first."""
+        passes over, which no later candidate in the batch needs, are the ones the bounded cache drops first.
+
+        It also makes the first candidate still to compute the batch's lead, whose lead points the others use
+        (the last batch's lead outputs are dropped): call it once per batch, then evaluate in its order."""
         for key in self._lead_stored:  # the last batch's lead outputs: no later candidate shares that lead
             self.activations.drop(key)
         self._lead_stored, self._lead, self._lead_wanted = [], None, frozenset()
         if self.prefix is None or len(candidates) < 2:
             return list(range(len(candidates)))
+        try:
+            checked = [self.space.check_candidate(c) for c in candidates]
+        except MPSearchError:  # evaluate says what is wrong with it, after the valid ones before it are scored
+            return list(range(len(candidates)))
         order = self.prefix.order
-        common = [Counter(c[d] for c in candidates).most_common(1)[0][0] for d in range(len(candidates[0]))]
+        common = [Counter(c[d] for c in checked).most_common(1)[0][0] for d in range(len(checked[0]))]
 
         def departs(c, base) -> int:
             return next((k for k, d in enumerate(order) if c[d] != base[d]), len(order))
 
-        ranked = sorted(range(len(candidates)), key=lambda i: (-departs(candidates[i], common), i))
-        # the lead: the first candidate to compute; its lead points are kept where a later one in the batch can use them
-        try:
-            fresh = [c for c in (self.space.check_candidate(candidates[i]) for i in ranked) if not self.is_memoized(c)]
-        except MPSearchError:  # evaluate says what is wrong with it, after the valid ones before it are scored
-            fresh = []
+        ranked = sorted(range(len(checked)), key=lambda i: (-departs(checked[i], common), i))
+        # the lead: the first candidate to compute; its lead points are kept where a later one in the batch can
+        # use them, the narrowest first, in at most LEAD_SHARE of the activation cache
+        fresh = [checked[i] for i in ranked if not self.is_memoized(checked[i])]
         if fresh and self.prefix.lead_points:
             lead, offsets = fresh[0], [departs(c, fresh[0]) for c in fresh[1:]]
-            n_points = len(self.prefix.points)
-            wanted = {n_points + j for j, (a, b) in enumerate(self.prefix.lead_span) if any(a <= k < b for k in offsets)}
+            useful = [j for j, (a, b) in enumerate(self.prefix.lead_span) if any(a <= k < b for k in offsets)]
+            room = LEAD_SHARE * self.activations.cap / max(1, len(self.calibration))
+            wanted = set()
+            for j in sorted(useful, key=lambda j: self.prefix.lead_bytes[j]):
+                room -= self.prefix.lead_bytes[j]
+                if room < 0:
+                    break
+                wanted.add(len(self.prefix.points) + j)
             if wanted:
                 self._lead, self._lead_wanted = lead, frozenset(wanted)
         return ranked

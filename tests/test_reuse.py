@@ -298,3 +298,19 @@ def test_a_batch_sharing_nothing_keeps_no_lead_outputs(minilm_task, minilm_space
         _in_prefix_order(ev, batch)
         assert ev._lead is None and ev.leads_reused == 0
         assert not any(k[1] >= len(ev.prefix.points) for k in ev.activations.items)
+
+
+def test_lead_outputs_take_at_most_their_share_of_the_activation_cache():
+    from mpsearch.evaluator import LEAD_SHARE
+
+    task = Task(Stack(), *[[(torch.randn(16, 8, generator=torch.Generator().manual_seed(s)), None)] for s in (6, 7)],
+                metric="neg_mse", name="leads")
+    space = build_space(task.model, [2, 4, 8])
+    batch = [tuple(space.uniform(8))] + _moves(space, list(space.uniform(8)), 2)
+    with Evaluator(task, space, cache_dir=None) as ev:
+        one = max(ev.prefix.lead_bytes)
+    for cap_bytes, keeps in ((0.5 * one / LEAD_SHARE, False), (64 * one / LEAD_SHARE, True)):
+        with Evaluator(task, space, cache_dir=None, activation_cache_mb=cap_bytes / (1 << 20)) as ev:
+            ev.prefix_order(batch)
+            kept = sum(ev.prefix.lead_bytes[j - len(ev.prefix.points)] for j in ev._lead_wanted)
+            assert kept <= LEAD_SHARE * ev.activations.cap and bool(kept) is keeps

@@ -49,7 +49,7 @@ class ReusePlan:
     order the forward really ran, so a weight tied or shared across blocks counts from its first use on,
     and reuse stops before it. A point called more than once per forward (a shared module) is not a point.
     ``inside[i]``: the points nested in point i. ``order``: the decisions by first call, the order in which candidates sharing prefixes are sorted.
-    ``point_bytes``: the points' outputs on the planning batch. ``lead_points``/``lead_keys``/``lead_span``: modules
+    ``point_bytes``: the points' outputs on the planning batch. ``lead_points``/``lead_keys``/``lead_span``/``lead_bytes``: modules
     inside a block kept for one candidate per batch only (see below).
     """
 
@@ -159,6 +159,7 @@ class ReusePlan:
             leads.append(n)
         self.lead_points = leads
         self.lead_keys = [key_of(n) for n in leads]
+        self.lead_bytes = [nbytes.get(n, 0) for n in leads]
         # a candidate that first departs from the lead at position k of ``order`` uses lead point j when
         # a <= k < b: it agrees on everything j depends on, and not on the key of the regular point around j
         rank = {d: k for k, d in enumerate(self.order)}
