@@ -818,7 +818,7 @@ class Evaluator:
         self._memo[(split, tuple(ev.candidate))] = ev
 
     def memory(self) -> dict:
-        """Peak resident memory and the two caches, for summaries and benchmarks."""
+        """Peak resident memory, the two caches and what prefix reuse saved, for summaries and benchmarks."""
         return {"peak_rss_mb": round(peak_rss_mb(), 1), "device": str(self.device), "threads": self.threads,
                 "model_mb": round(sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) / MB, 1),
                 "weight_cache_mb": round((self.weights.used + self.stored.used + self._table_bytes) / MB, 1),
@@ -827,6 +827,7 @@ class Evaluator:
                 "activation_cache_cap_mb": round(self.activations.cap / MB, 1),
                 "reuse_points": len(self.prefix.points) if self.prefix is not None else 0,
                 "lead_points": len(self.prefix.lead_points) if self.prefix is not None else 0,
+                "points_reused": self.points_reused, "leads_reused": self.leads_reused,
                 **({"peak_device_mb": round(torch.cuda.max_memory_allocated(self.device) / MB, 1)}
                    if self.device.type == "cuda" else {})}
 
