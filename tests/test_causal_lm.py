@@ -151,3 +151,25 @@ def test_threads_default_and_device_errors(tmp_path, capsys, monkeypatch):
         assert cli(args + ["--out", str(tmp_path / "e"), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
     torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "bayes"])
+def test_searches_with_reuse_ask_and_score_what_full_forwards_do(llama_dir, strategy):
+    """Reuse changes what an evaluation costs, never its score: the same seed asks the same candidates and gets
+    the same scores with prefix and lead points on and off (within a batch, in the order that shares most)."""
+    from mpsearch.core import Budget
+    from mpsearch.search import Termination, search
+
+    task = load_task(f"hf:{llama_dir}")
+    space = space_for(task)
+    runs = []
+    for blocks in ("", None):
+        with Evaluator(task, space, cache_dir=None, blocks=blocks) as ev:
+            res = search(ev, strategy, Termination(max_evals=40), seed=3, budget=Budget(max_avg_bits=4.0))
+            runs.append((sorted((tuple(t.candidate), t.metric) for t in res.trials), ev.memory()))
+    (plain, _), (reused, memory) = runs
+    assert len(plain) == 40 and [c for c, _ in reused] == [c for c, _ in plain]
+    np.testing.assert_allclose([m for _, m in reused], [m for _, m in plain], rtol=0, atol=1e-6)
+    assert memory["points_reused"] > 0
+    if strategy == "greedy":  # its sensitivity batch: one-decision moves from the top, the lead
+        assert memory["lead_points"] > 0 and memory["leads_reused"] > 0
