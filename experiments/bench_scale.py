@@ -127,7 +127,7 @@ class LinearWork:
 
     def _count(self, input, weight, bias=None):
         if self.on:
-            self.macs += input.numel() // weight.shape[1] * weight.shape[0] * weight.shape[1]
+            self.macs += input.numel() * weight.shape[0]  # tokens x in_features x out_features
         return self._linear(input, weight, bias)
 
     def remove(self) -> None:

@@ -268,7 +268,8 @@ class Evaluator:
     reuse. Defaults: half the model's bytes plus 768 MB, at most a quarter of the free memory, split in
     two: block outputs get half, at most 512 MB, or on the CPU up to ``KEPT_CANDIDATES`` candidates' block
     outputs where a quarter of the free memory beyond the weight cache allows; the weights the rest.
-    ``blocks``: a regex naming the block sequence (default: found automatically; "" turns reuse off); ``device``: where the model runs (its outputs are scored on the CPU).
+    ``blocks``: a regex naming the block sequence (default: found automatically; "" turns reuse off);
+    ``device``: where the model runs (its outputs are scored on the CPU).
     Use it as a context manager, or call ``close()``: hooks come off and the model is as it was.
     """
 
@@ -367,6 +368,7 @@ class Evaluator:
         self._evicted = 0
         self.prefix = self._plan_prefix(blocks if blocks is not None else space.blocks)
         self._points = [named[n] for n in self.prefix.points + self.prefix.lead_points] if self.prefix is not None else []
+        self._point_keys = self.prefix.keys + self.prefix.lead_keys if self.prefix is not None else []
         self._lead: Candidate | None = None  # the candidate whose lead points are kept (``prefix_order``)
         self._lead_wanted: frozenset = frozenset()
         self._leading = False
@@ -378,7 +380,6 @@ class Evaluator:
             room = 0.25 * available_mb() - cache_mb
             want = KEPT_CANDIDATES * self.prefix.point_bytes * len(self.calibration) / MB
             activation_cache_mb = max(activation_cache_mb, min(want, room))
-        self._activation_cache_mb = activation_cache_mb
         self.activations = LRUCache(int(activation_cache_mb * MB), protected_share=ACTIVATION_PROTECTED)
 
     # ---- forward passes -----------------------------------------------------------------
@@ -680,31 +681,35 @@ class Evaluator:
                 if self._batch is None or self._current is None:
                     return _orig(*args, **kwargs)
                 key = (self._batch, _j, self._prefix_keys[_j])
-                lead = _j >= n_points
-                if lead and (self._leading or _j not in self._lead_wanted):  # the lead computes them; none kept
-                    hit = None
-                else:  # a lead point's output serves this batch only: it does not join the protected segment
-                    hit = self.activations.get(key, valid=_unchanged, promote=not lead)
+                hit = self.activations.get(key, valid=_unchanged)
                 if hit is not None:
-                    if lead:
-                        self.leads_reused += 1
-                        return hit[0]
                     self.points_reused += 1
                     for i in self.prefix.inside[_j]:  # kept as fresh as the output that stood in for them
                         self.activations.touch((self._batch, i, self._prefix_keys[i]))
                     return hit[0]
-                out = _orig(*args, **kwargs)
-                if lead:
-                    if self._leading and _j in self._lead_wanted:
-                        self.activations.put(key, (out, tensor_versions(out)))
-                        self._lead_stored.append(key)
-                    return out
                 self.points_run += 1
+                out = _orig(*args, **kwargs)
                 if self._storing:
                     self.activations.put(key, (out, tensor_versions(out)))
                 return out
 
-            module.forward = forward
+            def lead_forward(*args, _orig=orig, _j=j, **kwargs):
+                # kept only while the batch's lead runs, and only where a later candidate of the batch can use it
+                if self._batch is None or self._current is None or _j not in self._lead_wanted:
+                    return _orig(*args, **kwargs)
+                key = (self._batch, _j, self._prefix_keys[_j])
+                if not self._leading:  # serves this batch only: a hit does not join the protected segment
+                    hit = self.activations.get(key, valid=_unchanged, promote=False)
+                    if hit is not None:
+                        self.leads_reused += 1
+                        return hit[0]
+                    return _orig(*args, **kwargs)
+                out = _orig(*args, **kwargs)
+                self.activations.put(key, (out, tensor_versions(out)))
+                self._lead_stored.append(key)
+                return out
+
+            module.forward = forward if j < n_points else lead_forward
             saved.append((module, own))
         try:
             yield
@@ -774,7 +779,7 @@ class Evaluator:
         self.restore()
         self._current = self.space.layer_choices(cand)
         if self.prefix is not None:
-            self._prefix_keys = [tuple(cand[d] for d in k) for k in self.prefix.keys + self.prefix.lead_keys]
+            self._prefix_keys = [tuple(cand[d] for d in k) for k in self._point_keys]
         try:
             batches = self.calibration if split == "calibration" else self.validation
             with self._reusing_prefixes():

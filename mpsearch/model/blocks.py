@@ -49,8 +49,8 @@ class ReusePlan:
     order the forward really ran, so a weight tied or shared across blocks counts from its first use on,
     and reuse stops before it. A point called more than once per forward (a shared module) is not a point.
     ``inside[i]``: the points nested in point i. ``order``: the decisions by first call, the order in which candidates sharing prefixes are sorted.
-    ``point_bytes``: the points' outputs on the planning batch. ``lead_points``/``lead_keys``/``lead_span``/``lead_bytes``: modules
-    inside a block kept for one candidate per batch only (see below).
+    ``point_bytes``: the points' outputs on the planning batch. ``lead_points``/``lead_keys``/``lead_span``/
+    ``lead_bytes``: modules inside a block kept for one candidate per batch only (see below).
     """
 
     def __init__(self, model: nn.Module, blocks: list[str], decisions: list[tuple[str, ...]], run: Callable[[], None],
@@ -127,9 +127,12 @@ class ReusePlan:
             alone = sum(w for m, w in work.items() if m.startswith(n + ".") and not any(m.startswith(q + ".") for q in nested))
             return total <= 0 or alone >= MIN_INNER_SHARE * total
 
+        def key_of(n: str) -> tuple[int, ...]:  # the decisions whose first call starts before n's call ends
+            return tuple(d for d, s in enumerate(starts) if s < end[n])
+
         candidates = [n for n in candidates if worth_its_memory(n)]
         self.points = [n for n in candidates if useful(n)]
-        self.keys = [tuple(d for d, s in enumerate(starts) if s < end[p]) for p in self.points]
+        self.keys = [key_of(p) for p in self.points]
         self.inside = [[i for i, q in enumerate(self.points) if q.startswith(p + ".")] for p in self.points]
         self.order = sorted(range(len(decisions)), key=lambda d: starts[d])
         self.point_bytes = sum(nbytes.get(p, 0) for p in self.points)
@@ -142,29 +145,28 @@ class ReusePlan:
         inner_all = [n for n in watched if calls.get(n) == 1 and n not in regular and n not in blocks
                      and any(n.startswith(b + ".") for b in blocks)] if self.usable else []
 
-        def key_of(n: str) -> tuple[int, ...]:
-            return tuple(d for d, s in enumerate(starts) if s < end[n])
-
         def limit_of(n: str) -> int:  # the end of the innermost regular point around n: beyond, that point stands in
             outer = [p for p in self.points if n.startswith(p + ".")]
             return end[max(outer, key=len)] if outer else len(events)
 
-        leads = []
+        leads, limits = [], []
         for n in sorted(inner_all, key=lambda n: first[n]):
-            if not any(end[n] < s < limit_of(n) for s in starts):
+            limit = limit_of(n)
+            if not any(end[n] < s < limit for s in starts):
                 continue
             # an enclosing module with the same key ends later and saves more: it stands in for n
             if any(n.startswith(m + ".") and key_of(m) == key_of(n) for m in inner_all):
                 continue
             leads.append(n)
+            limits.append(limit)
         self.lead_points = leads
         self.lead_keys = [key_of(n) for n in leads]
         self.lead_bytes = [nbytes.get(n, 0) for n in leads]
         # a candidate that first departs from the lead at position k of ``order`` uses lead point j when
         # a <= k < b: it agrees on everything j depends on, and not on the key of the regular point around j
         rank = {d: k for k, d in enumerate(self.order)}
-        self.lead_span = [(max((rank[d] + 1 for d in key), default=0),
-                           sum(1 for s in starts if s < limit_of(n))) for n, key in zip(leads, self.lead_keys)]
+        self.lead_span = [(max((rank[d] + 1 for d in key), default=0), sum(1 for s in starts if s < limit))
+                          for key, limit in zip(self.lead_keys, limits)]
 
 
 def tensor_versions(out) -> tuple:
